@@ -19,6 +19,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +111,14 @@ def by_kind(objs: list[Obj], kind: str) -> list[Obj]:
 
 
 def one(objs: list[Obj], kind: str, name: str) -> Obj:
+    """The object of that kind and name (a generated ConfigMap: name plus its hash)."""
     found = [o for o in by_kind(objs, kind) if o["metadata"]["name"] == name]
+    if kind == "ConfigMap" and not found:
+        found = [
+            o
+            for o in by_kind(objs, kind)
+            if re.fullmatch(rf"{name}-[a-z0-9]{{10}}", o["metadata"]["name"])
+        ]
     assert len(found) == 1, f"expected one {kind}/{name}, found {len(found)}"
     return found[0]
 
@@ -440,6 +448,9 @@ def test_flink_runs_the_beam_worker_pool_beside_each_taskmanager(overlay):
     name, objs = overlay
     (flink,) = by_kind(objs, "FlinkDeployment")
     tm = {c["name"]: c for c in flink["spec"]["taskManager"]["podTemplate"]["spec"]["containers"]}
+    jm = flink["spec"]["jobManager"]["podTemplate"]["spec"]["containers"]
+    # The operator merges a template container into Flink's own only under this name.
+    assert [c["name"] for c in jm] == ["flink-main-container"]
     assert set(tm) == {"flink-main-container", "beam-worker-pool"}
     pool = tm["beam-worker-pool"]
     assert args_of(pool) == [
@@ -513,11 +524,7 @@ def test_overlay_specifics(overlay):
     if name == "dev":
         one(objs, "Deployment", "pubsub-emulator")
         assert one(objs, "Service", "pubsub-emulator")["spec"]["ports"][0]["port"] == 8085
-        config = next(
-            c
-            for c in by_kind(objs, "ConfigMap")
-            if c["metadata"]["name"].startswith("bertstream-config")
-        )
+        config = one(objs, "ConfigMap", "bertstream-config")
         assert config["data"]["PUBSUB_EMULATOR_HOST"] == "pubsub-emulator:8085"
     else:
         for sa in ("flink", "ingester"):
@@ -715,3 +722,71 @@ def test_readme_walks_through_a_deployment():
         "parallelism",
     ):
         assert needle in readme, f"k8s/README.md does not mention {needle!r}"
+
+
+# --- the Redis ACL, on a real redis-server ---------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_redis_start_script_limits_the_sink_user(tmp_path: Path):
+    """Runs the ConfigMap's start.sh (paths moved into tmp_path) and probes the ACL."""
+    import redis
+
+    from pipeline.local_servers import free_port
+
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.fail("redis-server is not installed: `apt-get install -y redis-server`")
+    config = one(render(K8S / "overlays" / "dev"), "ConfigMap", "redis-config")["data"]
+    port = free_port()
+    (tmp_path / "run").mkdir()
+    conf = config["redis.conf"].replace("/run/redis/", f"{tmp_path}/run/")
+    conf = conf.replace("dir /data", f"dir {tmp_path}")
+    (tmp_path / "redis.conf").write_text(conf)
+    script = config["start.sh"].replace("/run/redis/", f"{tmp_path}/run/")
+    script = script.replace(
+        "/etc/redis/redis.conf",
+        f"{tmp_path}/redis.conf --port {port} --bind 127.0.0.1",
+    )
+    version = subprocess.run([server, "--version"], capture_output=True, text=True, timeout=10)
+    if tuple(map(int, re.search(r"v=(\d+)\.(\d+)", version.stdout).groups())) < (7, 2):
+        # CLIENT SETINFO is new in 7.2 (the image runs 7.2): older servers reject the rule.
+        script = script.replace(" +client|setinfo", "")
+    env = {**os.environ, "REDIS_ADMIN_PASSWORD": "admin-pw", "REDIS_SINK_PASSWORD": "sink-pw"}
+    proc = subprocess.Popen(
+        ["sh", "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        admin = redis.Redis(port=port, password="admin-pw")
+        for _ in range(100):
+            try:
+                admin.ping()
+                break
+            except redis.ConnectionError:
+                assert proc.poll() is None, proc.stdout.read().decode()
+                time.sleep(0.1)
+        assert admin.config_get("appendonly") == {"appendonly": "yes"}
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=port).ping()
+        sink = redis.Redis(port=port, username="bertstream", password="sink-pw")
+        assert sink.set("sentiment:tweet:1", "x", nx=True, ex=60)
+        assert sink.xadd("sentiment:results", {"tweet_id": "1"})
+        assert sink.hincrby("sentiment:counts:w1", "positive", 1) == 1
+        assert sink.expire("sentiment:counts:w1", 60)
+        sink.publish("sentiment", "{}")
+        sha = sink.script_load("return redis.call('SET', KEYS[1], ARGV[1])")
+        assert sink.evalsha(sha, 1, "sentiment:tweet:2", "y")
+        for denied in (
+            lambda: sink.set("other", "x"),
+            lambda: sink.get("sentiment:tweet:1"),
+            lambda: sink.flushall(),
+            lambda: sink.config_get("*"),
+            lambda: sink.evalsha(sha, 1, "other", "y"),
+        ):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                denied()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
