@@ -433,6 +433,7 @@ def test_redis_is_persistent_authenticated_and_limits_the_sink(overlay):
         "+xadd",
         "+publish",
         "+hincrby",
+        "+hgetall",
         "+expire",
         "+evalsha",
         "+eval",
@@ -618,12 +619,16 @@ def test_default_deny_then_only_the_promised_paths(overlay):
         return allowed
 
     taskmanager = {"app.kubernetes.io/name": "flink", "app.kubernetes.io/component": "taskmanager"}
-    for app, port in (("redis", 6379), ("tfserving", 8500)):
+    submitter = {"app.kubernetes.io/name": "pipeline-submit"}
+    for app, port, peers in (
+        ("redis", 6379, [taskmanager, submitter]),
+        ("tfserving", 8500, [taskmanager]),
+    ):
         allowed = ingress_ports(app)
         assert set(allowed) == {port}, f"{app} is open on {set(allowed)}"
-        assert all(
-            peer.get("podSelector", {}).get("matchLabels") == taskmanager for peer in allowed[port]
-        ), f"{app}:{port} is open beyond the TaskManagers"
+        assert [
+            peer.get("podSelector", {}).get("matchLabels") for peer in allowed[port]
+        ] == peers, f"{app}:{port} is open beyond {peers}"
     assert ingress_ports("ingester") == {}, "nothing connects to the ingester"
 
 
@@ -774,6 +779,7 @@ def test_redis_start_script_limits_the_sink_user(tmp_path: Path):
         assert sink.set("sentiment:tweet:1", "x", nx=True, ex=60)
         assert sink.xadd("sentiment:results", {"tweet_id": "1"})
         assert sink.hincrby("sentiment:counts:w1", "positive", 1) == 1
+        assert sink.hgetall("sentiment:counts:w1") == {b"positive": b"1"}
         assert sink.expire("sentiment:counts:w1", 60)
         sink.publish("sentiment", "{}")
         sha = sink.script_load("return redis.call('SET', KEYS[1], ARGV[1])")
