@@ -14,8 +14,6 @@ import re
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
-from google.pubsub_v1 import types as gapic_types
-
 # The service refuses a PublishRequest over 10 MB (the client checks the same
 # number before sending); a message that alone exceeds it can never be sent.
 PUBSUB_MAX_REQUEST_BYTES = 10 * 1000 * 1000
@@ -43,8 +41,22 @@ class TweetMessage(NamedTuple):
 
     @property
     def size(self) -> int:
-        """Bytes on the wire as Pub/Sub counts them (data + attributes, protobuf)."""
-        return gapic_types.PubsubMessage(data=self.data, attributes=self.attributes)._pb.ByteSize()
+        """Bytes on the wire as Pub/Sub counts them: the PubsubMessage protobuf.
+
+        Computed by hand (it equals ``PubsubMessage(...)._pb.ByteSize()``, which a
+        test checks): building the proto-plus message per tweet cost a fifth of
+        the publish path's CPU.
+        """
+        size = _field_size(len(self.data)) if self.data else 0
+        for key, value in self.attributes.items():
+            entry = _field_size(len(key.encode())) + _field_size(len(value.encode()))
+            size += _field_size(entry)
+        return size
+
+
+def _field_size(length: int) -> int:
+    """A length-delimited protobuf field with a one-byte tag: tag + varint(length) + body."""
+    return 1 + max(1, (length.bit_length() + 6) // 7) + length
 
 
 def parse_json(raw: bytes | str) -> Any:

@@ -155,3 +155,22 @@ def test_progress_line_has_rate_and_eta():
 def test_default_sample_is_the_shipped_file():
     path = default_sample()
     assert path.name == "sample_tweets.jsonl" and path.is_file()
+
+
+@given(st.binary(max_size=300), st.text(max_size=200), st.text(max_size=40))
+def test_message_size_is_exactly_the_protobuf_size(data, tweet_id, event_ts):
+    from google.pubsub_v1 import types as gapic_types
+
+    from ingest.message import TweetMessage
+
+    message = TweetMessage(data, tweet_id, event_ts, None)
+    proto = gapic_types.PubsubMessage(data=data, attributes=message.attributes)
+    assert message.size == proto._pb.ByteSize()
+
+
+def test_message_size_is_exact_for_large_messages():
+    from google.pubsub_v1 import types as gapic_types
+
+    message = to_message(dict(TWEET, text="y" * 2_500_000))
+    proto = gapic_types.PubsubMessage(data=message.data, attributes=message.attributes)
+    assert message.size == proto._pb.ByteSize()
