@@ -164,7 +164,9 @@ def _x_stream(args: argparse.Namespace, stop: threading.Event, redact) -> Totals
         if args.list_rules:
             for rule in fetch_rules(client):
                 print(json.dumps({"id": rule.id, "value": rule.value, "tag": rule.tag}))
-        if args.dry_run:
+        if args.dry_run and not args.rule:
+            print("no --rule given: streaming would keep X's current rules")
+        elif args.dry_run:
             plan = reconcile(client, args.rule, dry_run=True)
             print(f"rules (dry run; nothing changed):\n{plan.describe()}")
         return None
