@@ -58,6 +58,12 @@ class InferenceFailure(NamedTuple):
     reason: str
 
 
+class BatchFailure(Exception):
+    """Raised by a handler when a batch failed for a reason no element caused
+    (the model server stayed unreachable through its retries): every element
+    fails with it, and none is retried alone."""
+
+
 class LengthBatchedHandler(ModelHandler):
     """Wraps a text -> ``Scores`` handler with the batching parameters and
     the per-element fallback.
@@ -98,6 +104,9 @@ class LengthBatchedHandler(ModelHandler):
         self._padded_tokens.inc(max(lengths, default=0) * len(batch))
         try:
             return list(self._inner.run_inference(batch, model, inference_args))
+        except BatchFailure as err:
+            self._failed.inc(len(batch))
+            return [InferenceFailure(f"{type(err).__name__}: {err}")] * len(batch)
         except Exception as err:  # noqa: BLE001 - any model error: isolate the element
             if len(batch) == 1:
                 self._failed.inc()
