@@ -30,7 +30,7 @@ from model.serving import read_card, version_dirs
 _LOG = logging.getLogger(__name__)
 
 # Bump when the training recipe changes in a way the options do not show.
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
 DEFAULT_CACHE = Path(os.environ.get("BERTSTREAM_CACHE", Path.home() / ".cache" / "bertstream"))
 
 
@@ -239,6 +239,11 @@ def train(cfg: BuildConfig, export_dir: Path) -> tuple[dict, SentimentModule]:
                    [data.LABELS[i] for i in test_logits.argmax(axis=1)])
     card = _card(cfg, encoder_dir, train_rows, evals, best[2], temperature, test,
                  train_seconds)
+    # The trained classifier tracks its optimizer, whose moments are twice the
+    # model's size and of no use to serving: export a fresh copy of it instead.
+    serving = classifier.__class__.from_config(classifier.get_config())
+    serving.set_weights(classifier.get_weights())
+    module.classifier = serving
     export(module, export_dir, card)
     card["build_seconds"] = round(time.monotonic() - started, 1)
     size = sum(p.stat().st_size for p in export_dir.rglob("*") if p.is_file())
