@@ -314,3 +314,30 @@ def test_a_bad_element_fails_alone_without_retries(tiny_model_dir):
         good.stop(None)
     assert [type(r) for r in out] == [Scores, InferenceFailure, Scores]
     assert "request limit" in out[1].reason
+
+
+@pytest.mark.timeout(60)
+def test_tls_with_a_ca_file(tmp_path, tiny_model_dir):
+    from pipeline.pipeline import make_options
+    from transforms.tfserving import TFServingClient, tfserving_handler
+
+    cert, key = tmp_path / "peer.pem", tmp_path / "peer.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    secure = serve(tiny_model_dir, free_port(), tls_cert=str(cert), tls_key=str(key))
+    try:
+        base = ["--input_file", str(_tweets_file(tmp_path)), "--inference", "tfserving",
+                "--tfserving_target", secure.target, "--tfserving_timeout_seconds", "5"]
+        tfserving_handler(make_options([*base, "--tfserving_tls", "--tfserving_ca_file",
+                                        str(cert)]))
+        with TFServingClient(secure.target, tls=True, ca_file=str(cert)) as client:
+            assert client.predict(["tls works"])[0].shape == (1, 3)
+        with pytest.raises(ValueError, match="with TLS: check --tfserving_tls"):
+            tfserving_handler(make_options([*base, "--tfserving_tls"]))  # system roots
+        with pytest.raises(ValueError, match="--tfserving_target"):
+            tfserving_handler(make_options(base))  # plaintext to a TLS port
+        with pytest.raises(ValueError, match="--tfserving_ca_file needs --tfserving_tls"):
+            tfserving_handler(make_options([*base, "--tfserving_ca_file", str(cert)]))
+    finally:
+        secure.stop(None)

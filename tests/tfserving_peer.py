@@ -260,8 +260,10 @@ class TFServingPeer:
 def serve(model_dir: Path | str, port: int = 0, model_name: str = "bert_sentiment", *,
           all_versions: bool = False, fail_first: int = 0,
           fail_code: grpc.StatusCode | str = grpc.StatusCode.UNAVAILABLE,
-          delay_ms: float = 0, max_workers: int = 4) -> TFServingPeer:
-    """Loads the model and starts the peer on 127.0.0.1:``port`` (0: any free one)."""
+          delay_ms: float = 0, max_workers: int = 4, tls_cert: str | None = None,
+          tls_key: str | None = None) -> TFServingPeer:
+    """Loads the model and starts the peer on 127.0.0.1:``port`` (0: any free
+    one); with ``tls_cert`` and ``tls_key`` (PEM files) it speaks TLS."""
     if isinstance(fail_code, str):
         fail_code = grpc.StatusCode[fail_code]
     servicer = PeerServicer(model_dir, model_name, all_versions, fail_first, fail_code, delay_ms)
@@ -269,7 +271,13 @@ def serve(model_dir: Path | str, port: int = 0, model_name: str = "bert_sentimen
                          options=[("grpc.max_receive_message_length", 4 << 20)])
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(servicer, server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(servicer, server)
-    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    address = f"127.0.0.1:{port}"
+    if tls_cert:
+        credentials = grpc.ssl_server_credentials(
+            [(Path(tls_key).read_bytes(), Path(tls_cert).read_bytes())])
+        bound = server.add_secure_port(address, credentials)
+    else:
+        bound = server.add_insecure_port(address)
     if not bound:
         raise OSError(f"cannot bind 127.0.0.1:{port}")
     server.start()
@@ -289,9 +297,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fail-code", default="UNAVAILABLE",
                         choices=[c.name for c in grpc.StatusCode if c.name != "OK"])
     parser.add_argument("--delay-ms", type=float, default=0, help="delay every call")
+    parser.add_argument("--tls-cert", help="PEM certificate: serve TLS (with --tls-key)")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
     args = parser.parse_args(argv)
     peer = serve(args.model_dir, args.port, args.model_name, all_versions=args.all_versions,
-                 fail_first=args.fail_first, fail_code=args.fail_code, delay_ms=args.delay_ms)
+                 fail_first=args.fail_first, fail_code=args.fail_code, delay_ms=args.delay_ms,
+                 tls_cert=args.tls_cert, tls_key=args.tls_key)
     signal.signal(signal.SIGTERM, lambda *_: peer.server.stop(1))
     print(f"listening on {peer.target}", flush=True)
     try:

@@ -175,6 +175,7 @@ class TFServingClient:
         self.version = version
         self.timeout_seconds = timeout_seconds
         self.input_name = input_name
+        self.tls = tls
         self.max_request_bytes = max_request_bytes
         self._channel = _channel(target, tls, ca_file)
         self._predict = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
@@ -257,7 +258,10 @@ class TFServingClient:
             if failure.code == grpc.StatusCode.NOT_FOUND:
                 raise ValueError(f"--tfserving_model_name {self.model_name}: TF Serving at "
                                  f"{self.target} has no such model ({failure})") from None
-            raise ValueError(f"{where}: no TF Serving answers there ({failure})") from None
+            hint = (" with TLS: check --tfserving_tls and --tfserving_ca_file"
+                    if self.tls else "")
+            raise ValueError(f"{where}: no TF Serving answers there{hint} ({failure})"
+                             ) from None
         states = {v.version: v.state for v in versions.model_version_status}
         available = sorted(v for v, state in states.items() if state == _AVAILABLE)
         if self.version is not None and self.version not in available:
