@@ -31,6 +31,12 @@ TEXTS = ["I love this so much", "worst service ever, never again", "meh", "ok th
          "Just landed in Lisbon"]
 
 
+def _newest(model_dir: Path) -> int:
+    from model.serving import resolve
+
+    return int(resolve(model_dir).name)
+
+
 def _tweets_file(tmp_path: Path, texts=TEXTS) -> Path:
     path = tmp_path / "tweets.jsonl"
     with path.open("w") as f:
@@ -91,7 +97,7 @@ def peer(tiny_model_dir):
 
 
 @pytest.mark.timeout(120)
-def test_peer_answers_as_tf_serving(peer):
+def test_peer_answers_as_tf_serving(peer, tiny_model_dir):
     from tensorflow_serving.apis import (
         get_model_metadata_pb2,
         get_model_status_pb2,
@@ -112,7 +118,8 @@ def test_peer_answers_as_tf_serving(peer):
         tensor.string_val.extend([b"good", b"bad"])
         response = predict.Predict(request, timeout=30)
         assert response.model_spec.name == "bert_sentiment"
-        assert response.model_spec.version.value == 1
+        newest = _newest(tiny_model_dir)
+        assert response.model_spec.version.value == newest
         assert response.model_spec.signature_name == "serving_default"
         assert set(response.outputs) == {"probabilities", "class_id"}
         probs = response.outputs["probabilities"]
@@ -130,10 +137,10 @@ def test_peer_answers_as_tf_serving(peer):
         assert error(predict.Predict, request) == (
             grpc.StatusCode.NOT_FOUND, "Servable not found for request: Latest(nope)")
         request.model_spec.name = "bert_sentiment"
-        request.model_spec.version.value = 7
+        request.model_spec.version.value = 777
         assert error(predict.Predict, request) == (
             grpc.StatusCode.NOT_FOUND,
-            "Servable not found for request: Specific(bert_sentiment, 7)")
+            "Servable not found for request: Specific(bert_sentiment, 777)")
         request.model_spec.ClearField("version")
         request.model_spec.signature_name = "x"
         assert error(predict.Predict, request) == (
@@ -142,7 +149,8 @@ def test_peer_answers_as_tf_serving(peer):
         status = get_model_status_pb2.GetModelStatusRequest()
         status.model_spec.name = "bert_sentiment"
         (version,) = models.GetModelStatus(status, timeout=30).model_version_status
-        assert (version.version, version.state) == (1, 30)  # AVAILABLE
+        # The newest only, as TF Serving's default version policy.
+        assert (version.version, version.state) == (newest, 30)  # AVAILABLE
         status.model_spec.name = "nope"
         assert error(models.GetModelStatus, status) == (
             grpc.StatusCode.NOT_FOUND, "Could not find any versions of model nope")
@@ -166,8 +174,12 @@ def test_client_matches_the_saved_model_and_splits_big_batches(peer, tiny_model_
     local = LoadedModel(tiny_model_dir).probabilities(TEXTS)
     with TFServingClient(peer) as client:
         probabilities, version = client.predict(TEXTS)
-        assert version == "1"
+        assert version == str(_newest(tiny_model_dir))
         np.testing.assert_allclose(probabilities, local, atol=1e-5)
+    newest = _newest(tiny_model_dir)
+    with TFServingClient(f"dns:///{peer}", version=newest) as client:  # a pinned version
+        assert client.check().version == newest
+        assert client.predict(TEXTS[:2])[1] == str(newest)
     small = 120
     assert len(list(split_by_size([t.encode() for t in TEXTS], small))) > 3
     with TFServingClient(peer, max_request_bytes=small) as client:
@@ -179,7 +191,7 @@ def test_client_matches_the_saved_model_and_splits_big_batches(peer, tiny_model_
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("flags, names", [
     (["--tfserving_model_name", "nope"], "--tfserving_model_name nope"),
-    (["--tfserving_model_version", "7"], "--tfserving_model_version 7"),
+    (["--tfserving_model_version", "777"], "--tfserving_model_version 777"),
     (["--tfserving_signature", "nope"], "--tfserving_signature nope"),
     (["--tfserving_signature", "serving_tf_example"], "--tfserving_signature"),
     (["--tfserving_target", "127.0.0.1:1"], "--tfserving_target 127.0.0.1:1"),
@@ -229,7 +241,7 @@ def test_local_and_tfserving_give_the_same_results(peer, tmp_path, redis_url,
     for tweet_id, mine in local.items():
         theirs = remote[tweet_id]
         assert theirs["label"] == mine["label"]
-        assert theirs["model_version"] == mine["model_version"] == "1"
+        assert theirs["model_version"] == mine["model_version"] == str(_newest(tiny_model_dir))
         for label in ("negative", "neutral", "positive"):
             assert abs(theirs["probabilities"][label] - mine["probabilities"][label]) <= 1e-5
 

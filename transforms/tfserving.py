@@ -95,7 +95,9 @@ def _rpc_error(err: grpc.RpcError, where: str) -> TFServingError:
 
 
 def _channel(target: str, tls: bool, ca_file: str | None) -> grpc.Channel:
-    options = [("grpc.max_send_message_length", -1)]
+    # round_robin: with a headless Service (dns:///bertservice-pods:8500) the
+    # channel spreads requests over every replica, not one connection.
+    options = [("grpc.max_send_message_length", -1), ("grpc.lb_policy_name", "round_robin")]
     if not tls:
         return grpc.insecure_channel(target, options=options)
     roots = None
