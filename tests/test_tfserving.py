@@ -311,19 +311,17 @@ def test_a_batch_that_outlives_its_retries_is_not_retried_element_by_element(
 
 
 @pytest.mark.timeout(60)
-def test_a_bad_element_fails_alone_without_retries(tiny_model_dir):
+def test_a_bad_element_fails_alone_without_retries(peer):
     from transforms.inference import InferenceFailure, LengthBatchedHandler, Scores
     from transforms.tfserving import TFServingModelHandler
 
-    good = serve(tiny_model_dir, free_port())
+    inner = TFServingModelHandler(peer, max_request_bytes=100)
+    handler = LengthBatchedHandler(inner, max_batch_size=8, max_batch_wait_seconds=1)
+    client = handler.load_model()
     try:
-        inner = TFServingModelHandler(good.target, max_request_bytes=100)
-        handler = LengthBatchedHandler(inner, max_batch_size=8, max_batch_wait_seconds=1)
-        client = handler.load_model()
         out = handler.run_inference([b"fine", b"x" * 500, b"also fine"], client)
-        client.close()
     finally:
-        good.stop(None)
+        client.close()
     assert [type(r) for r in out] == [Scores, InferenceFailure, Scores]
     assert "request limit" in out[1].reason
 
