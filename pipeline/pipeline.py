@@ -65,7 +65,7 @@ class ReadTweets(beam.PTransform):
 
             read = XlangRead(topic=o.input_topic, subscription=o.input_subscription,
                              with_attributes=True, timestamp_attribute="event_ts",
-                             id_label="tweet_id")
+                             id_label="tweet_id", expansion_service=self._expansion_service())
         else:
             read = beam.io.ReadFromPubSub(
                 topic=source["input_topic"], subscription=source["input_subscription"],
@@ -73,6 +73,26 @@ class ReadTweets(beam.PTransform):
                 # The DirectRunner refuses id_label; DedupeByTweetId covers it there.
                 id_label="tweet_id" if "dataflow" in runner else None)
         return p | "ReadPubSub" >> read | "MessageBytes" >> beam.Map(_pubsub_message)
+
+    # Beam's own key for the GCP expansion service in --beam_services.
+    GCP_EXPANSION_TARGET = ":sdks:java:io:google-cloud-platform:expansion-service:shadowJar"
+
+    def _expansion_service(self):
+        """The Java expansion service for the cross-language read: the
+        ``--beam_services`` entry for Beam's GCP expansion service (``HOST:PORT``
+        of a running one, as ``python -m launcher flink`` passes, or a jar),
+        else Beam's default, which downloads the released jar."""
+        from apache_beam.options.pipeline_options import CrossLanguageOptions
+        from apache_beam.transforms.external import (
+            BeamJarExpansionService,
+            JavaJarExpansionService,
+        )
+
+        target = self.GCP_EXPANSION_TARGET
+        given = (self._o.view_as(CrossLanguageOptions).beam_services or {}).get(target)
+        if given and given.endswith(".jar"):
+            return JavaJarExpansionService(given)
+        return given or BeamJarExpansionService(target)
 
 
 def _is_portable(runner: str) -> bool:

@@ -1,0 +1,57 @@
+"""``python -m launcher {fetch-jars,flink,dataflow} [flags]``."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+USAGE = """usage: python -m launcher COMMAND [flags]
+
+  fetch-jars [--flink_version V] [--force]   cache the Beam Flink job server and the GCP
+                                             expansion service (Maven Central, once)
+  flink      [pipeline flags] --flink_master HOST:PORT|[local] [...]   run on Flink
+  dataflow   [pipeline flags] --project P --region R --temp_location gs://... [...]
+
+`python -m launcher COMMAND --help` lists each command's flags."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("apache_beam", "absl", "tensorflow", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    try:
+        if command == "fetch-jars":
+            import argparse
+
+            from launcher import jars
+
+            p = argparse.ArgumentParser(prog="python -m launcher fetch-jars")
+            p.add_argument("--flink_version", default=jars.DEFAULT_FLINK_VERSION,
+                           choices=jars.FLINK_VERSIONS)
+            p.add_argument("--force", action="store_true", help="fetch again")
+            flags = p.parse_args(rest)
+            print(jars.fetch(flags.flink_version, flags.force))
+            return 0
+        if command == "flink":
+            from launcher import flink
+
+            return flink.main(rest)
+        if command == "dataflow":
+            from launcher import dataflow
+
+            return dataflow.main(rest)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(USAGE, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""``python -m launcher flink``: the job on Flink through Beam's portable runner.
+
+Locally (``--flink_master=[local]``) Beam's Flink job server, from the jars
+``python -m launcher fetch-jars`` cached, runs an embedded Flink and the Python
+SDK worker runs in this process (LOOPBACK). Against a cluster, the SDK workers
+are the worker-pool sidecars (``--environment_type=EXTERNAL
+--environment_config=localhost:50000``). Pub/Sub is read through Beam's Java
+cross-language transform; this launcher starts its expansion service on
+127.0.0.1 unless ``--expansion_service`` names one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from apache_beam.options.pipeline_options import FlinkRunnerOptions
+from apache_beam.runners.runner import PipelineState
+
+from launcher import jars
+from launcher.common import NOOP_CREDENTIALS, SETUP_FILE, describe, launcher_parser
+from launcher.expansion import GCP_EXPANSION_TARGET, LocalExpansionService
+
+_LOG = logging.getLogger(__name__)
+DEFAULT_CHECKPOINTING_INTERVAL_MS = 10_000
+_TERMINAL = {PipelineState.DONE, PipelineState.FAILED, PipelineState.CANCELLED,
+             PipelineState.DRAINED, PipelineState.UPDATED}
+
+
+def parser():
+    p = launcher_parser("python -m launcher flink", "Run the job on Flink (portable runner).")
+    p.add_argument("--flink_master", required=True,
+                   help="HOST:PORT of the Flink REST service, or [local] for an embedded Flink")
+    p.add_argument("--flink_version", default=jars.DEFAULT_FLINK_VERSION,
+                   choices=FlinkRunnerOptions.PUBLISHED_FLINK_VERSIONS,
+                   help=f"Flink version (jars are fetched for {', '.join(jars.FLINK_VERSIONS)})")
+    p.add_argument("--parallelism", type=int, default=1)
+    p.add_argument("--checkpointing_interval_ms", type=int,
+                   default=DEFAULT_CHECKPOINTING_INTERVAL_MS,
+                   help="Flink checkpoints (Pub/Sub messages are acknowledged when one "
+                        "completes); 0 turns them off")
+    p.add_argument("--environment_type", choices=("LOOPBACK", "EXTERNAL", "DOCKER", "PROCESS"),
+                   default=None,
+                   help="where the Python SDK workers run (default: LOOPBACK for [local], "
+                        "EXTERNAL otherwise)")
+    p.add_argument("--environment_config", default=None,
+                   help="EXTERNAL: the worker pool's HOST:PORT; DOCKER: the SDK image")
+    p.add_argument("--expansion_service", default=None,
+                   help="HOST:PORT of a running GCP expansion service (default: start one "
+                        "on 127.0.0.1 from the cached jar)")
+    p.add_argument("--java_environment_type", default="EMBEDDED",
+                   choices=("EMBEDDED", "PROCESS", "DOCKER"),
+                   help="where the Java part of the Pub/Sub read runs (EMBEDDED: inside the "
+                        "Flink JVM; no Docker needed)")
+    p.add_argument("--detach", action="store_true",
+                   help="exit once the job runs (default when --job_endpoint is given)")
+    return p
+
+
+@dataclass
+class FlinkLaunch:
+    """A parsed ``launcher flink`` command line."""
+
+    flags: object
+    pipeline_flags: list[str]
+    job_server_jar: str | None = None
+    expansion_jar: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, argv: list[str]) -> FlinkLaunch:
+        flags, rest = parser().parse_known_args(argv)
+        if flags.environment_type is None:
+            flags.environment_type = "LOOPBACK" if flags.flink_master == "[local]" else "EXTERNAL"
+        if flags.environment_type in ("EXTERNAL", "DOCKER") and not flags.environment_config:
+            if flags.environment_type == "EXTERNAL":
+                raise ValueError("--environment_type=EXTERNAL needs --environment_config "
+                                 "HOST:PORT (the SDK worker pool)")
+        if flags.parallelism < 1:
+            raise ValueError("--parallelism must be at least 1")
+        if flags.checkpointing_interval_ms < 0:
+            raise ValueError("--checkpointing_interval_ms must not be negative")
+        launch = cls(flags, rest)
+        if not _has_flag(rest, "--job_endpoint"):
+            job_server, expansion = (jars.job_server_jar(flags.flink_version),
+                                     jars.expansion_service_jar(flags.flink_version))
+            launch.job_server_jar, launch.expansion_jar = str(job_server), str(expansion)
+        else:
+            launch.flags.detach = True
+            launch.expansion_jar = str(jars.expansion_service_jar(flags.flink_version))
+        return launch
+
+    @property
+    def reads_pubsub_xlang(self) -> bool:
+        from pipeline.options import BertstreamOptions
+
+        o = BertstreamOptions(self.pipeline_flags)
+        return o.is_pubsub and o.pubsub_read != "native"
+
+    def argv(self, expansion_address: str | None = None) -> list[str]:
+        """The pipeline's command line: its own flags plus the runner's."""
+        f = self.flags
+        out = ["--runner=FlinkRunner", f"--flink_master={f.flink_master}",
+               f"--flink_version={f.flink_version}", f"--parallelism={f.parallelism}",
+               f"--environment_type={f.environment_type}"]
+        if self.job_server_jar:
+            # Explicit, so Beam never downloads a job server at run time.
+            out.append(f"--flink_job_server_jar={self.job_server_jar}")
+        if f.environment_config:
+            out.append(f"--environment_config={f.environment_config}")
+        if f.checkpointing_interval_ms:
+            # A runner option the job server declares (Java's checkpointingInterval).
+            out.append(f"--checkpointing_interval={f.checkpointing_interval_ms}")
+        if f.environment_type != "LOOPBACK" and not f.no_setup_file \
+                and not _has_flag(self.pipeline_flags, "--setup_file"):
+            out.append(f"--setup_file={SETUP_FILE}")
+        out += self.pipeline_flags
+        if self.reads_pubsub_xlang:
+            out.append("--streaming")
+            address = f.expansion_service or expansion_address
+            if address:
+                out.append("--beam_services=" + json.dumps({GCP_EXPANSION_TARGET: address}))
+            emulator = os.environ.get("PUBSUB_EMULATOR_HOST")
+            if emulator and not _has_flag(self.pipeline_flags, "--java_pubsub_root_url"):
+                out += [f"--java_pubsub_root_url=http://{emulator}",
+                        f"--java_credential_factory_class={NOOP_CREDENTIALS}"]
+        return out
+
+
+def _has_flag(argv: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+@dataclass
+class RunningJob:
+    result: object
+    argv: list[str]
+    submitted_s: float
+
+    def cancel(self, timeout_s: float = 60.0) -> str:
+        """Cancels the job and waits until Flink says it ended; returns the state."""
+        if self.result.state not in _TERMINAL:
+            try:
+                self.result.cancel()
+            except (RuntimeError, NotImplementedError) as err:
+                _LOG.warning("cancel: %s", err)
+        deadline = time.monotonic() + timeout_s
+        while self.result.state not in _TERMINAL and time.monotonic() < deadline:
+            time.sleep(0.5)
+        return self.result.state
+
+
+@contextlib.contextmanager
+def flink_job(argv: list[str]) -> Iterator[RunningJob]:
+    """Submits the job (not waiting for it) and cancels it on exit; the
+    expansion service, when this launcher started one, is stopped after.
+
+    Tests and the benchmark use this; ``main`` waits in it until Ctrl-C.
+    """
+    import apache_beam as beam
+
+    import launcher.common  # noqa: F401 - registers JavaRuntimeOptions
+    from pipeline.pipeline import make_options, run
+
+    launch = FlinkLaunch.parse(argv)
+    if launch.job_server_jar:
+        jars.require(launch.flags.flink_version)
+    with contextlib.ExitStack() as stack:
+        address = None
+        if launch.reads_pubsub_xlang and not launch.flags.expansion_service:
+            service = LocalExpansionService(launch.expansion_jar,
+                                            launch.flags.java_environment_type)
+            address = stack.enter_context(service).address
+        pipeline_argv = launch.argv(address)
+        started = time.monotonic()
+        pipeline = beam.Pipeline(options=make_options(pipeline_argv))
+        result, _ = run(pipeline_argv, test_pipeline=pipeline)
+        job = RunningJob(result, pipeline_argv, time.monotonic() - started)
+        _LOG.info("submitted in %.1fs, state %s", job.submitted_s, result.state)
+        try:
+            yield job
+        finally:
+            if not launch.flags.detach:
+                _LOG.info("job ended %s", job.cancel())
+
+
+def main(argv: list[str]) -> int:
+    launch = FlinkLaunch.parse(argv)
+    if launch.flags.dry_run:
+        address = launch.flags.expansion_service or (
+            "127.0.0.1:<port chosen at start>" if launch.reads_pubsub_xlang else None)
+        resolved = describe(launch.argv(address), {
+            "launcher": "flink", "job_server_jar": launch.job_server_jar,
+            "expansion_service_jar": launch.expansion_jar if launch.reads_pubsub_xlang else None,
+            "java_environment_type": launch.flags.java_environment_type})
+        print(json.dumps(resolved, indent=2, sort_keys=True))
+        return 0
+    with flink_job(argv) as job:
+        if launch.flags.detach:
+            print(json.dumps({"job_id": job.result.job_id(), "state": job.result.state}))
+            return 0
+        try:
+            job.result.wait_until_finish()
+        except KeyboardInterrupt:
+            _LOG.info("interrupted: cancelling the job")
+    return 0

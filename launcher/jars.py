@@ -1,0 +1,166 @@
+"""The Java side of the Flink runner, fetched once from Maven Central into a cache.
+
+Beam's ready-made uber jars (``beam-runners-flink-1.19-job-server`` and
+``beam-sdks-java-io-google-cloud-platform-expansion-service``) are not served by
+the Maven Central that this project can reach, and neither is any Beam Java
+module newer than 2.62.0 together with everything it needs. So ``fetch``
+resolves the same modules those uber jars are built from, at
+:data:`BEAM_JAVA_VERSION`, with ``mvn dependency:copy-dependencies`` into
+``<cache>/jars/beam-<version>-flink-<flink>/lib`` and writes two thin launcher
+jars next to it whose manifests put ``lib/*`` on the class path:
+
+- the job server (``java -jar`` it, or give it to ``--flink_job_server_jar``),
+  with the Java SDK harness and the GCP IOs inside, so that a cross-language
+  Pub/Sub read runs EMBEDDED in the Flink JVM without Docker;
+- the expansion service for the GCP IOs, bound to one address
+  (``java/LoopbackExpansionService.java``; Beam's own main listens on all
+  interfaces).
+
+The Python SDK (2.77) talks to the 2.62 job server and expansion service over
+Beam's portability API, which is versioned and stable; the tests run that pair.
+The cache is ``$BERTSTREAM_CACHE`` or ``~/.cache/bertstream``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import zipfile
+from pathlib import Path
+
+_LOG = logging.getLogger(__name__)
+
+BEAM_JAVA_VERSION = "2.62.0"
+FLINK_VERSIONS = ("1.19",)
+DEFAULT_FLINK_VERSION = "1.19"
+JOB_SERVER_MAIN = "org.apache.beam.runners.flink.FlinkJobServerDriver"
+EXPANSION_MAIN = "LoopbackExpansionService"
+_JAVA_SOURCE = Path(__file__).resolve().parent / "java" / f"{EXPANSION_MAIN}.java"
+
+# The modules Beam's job-server and GCP expansion-service uber jars are built
+# from, plus what those jars shade in: a logger binding and jamm (the Java
+# harness measures its caches with it; EMBEDDED fails without it).
+_POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>bertstream</groupId>
+  <artifactId>bertstream-beam-java</artifactId>
+  <version>1</version>
+  <packaging>pom</packaging>
+  <dependencies>
+{dependencies}
+  </dependencies>
+</project>
+"""
+_DEPENDENCIES = (
+    ("org.apache.beam", "beam-runners-flink-{flink}", BEAM_JAVA_VERSION),
+    ("org.apache.beam", "beam-sdks-java-harness", BEAM_JAVA_VERSION),
+    ("org.apache.beam", "beam-sdks-java-expansion-service", BEAM_JAVA_VERSION),
+    ("org.apache.beam", "beam-sdks-java-io-google-cloud-platform", BEAM_JAVA_VERSION),
+    ("com.github.jbellis", "jamm", "0.4.0"),
+    ("org.slf4j", "slf4j-simple", "1.7.30"),
+)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("BERTSTREAM_CACHE", Path.home() / ".cache" / "bertstream"))
+
+
+def jars_dir(flink_version: str = DEFAULT_FLINK_VERSION) -> Path:
+    return cache_dir() / "jars" / f"beam-{BEAM_JAVA_VERSION}-flink-{flink_version}"
+
+
+def job_server_jar(flink_version: str = DEFAULT_FLINK_VERSION) -> Path:
+    return jars_dir(flink_version) / (
+        f"beam-runners-flink-{flink_version}-job-server-{BEAM_JAVA_VERSION}.jar")
+
+
+def expansion_service_jar(flink_version: str = DEFAULT_FLINK_VERSION) -> Path:
+    return jars_dir(flink_version) / (
+        f"beam-sdks-java-io-google-cloud-platform-expansion-service-{BEAM_JAVA_VERSION}.jar")
+
+
+def is_fetched(flink_version: str = DEFAULT_FLINK_VERSION) -> bool:
+    return (jars_dir(flink_version) / "READY").exists()
+
+
+def require(flink_version: str = DEFAULT_FLINK_VERSION) -> tuple[Path, Path]:
+    """``(job server jar, expansion service jar)``; FileNotFoundError says how to fetch."""
+    if flink_version not in FLINK_VERSIONS:
+        raise ValueError(f"--flink_version {flink_version}: only {', '.join(FLINK_VERSIONS)} "
+                         f"is fetched (Beam Java {BEAM_JAVA_VERSION} from Maven Central)")
+    if not is_fetched(flink_version):
+        raise FileNotFoundError(
+            f"the Beam Flink job server is not in {jars_dir(flink_version)}: run "
+            f"`python -m launcher fetch-jars` (needs Maven and Maven Central) first")
+    return job_server_jar(flink_version), expansion_service_jar(flink_version)
+
+
+def _pom(flink_version: str) -> str:
+    deps = "\n".join(
+        f"    <dependency><groupId>{g}</groupId><artifactId>{a.format(flink=flink_version)}"
+        f"</artifactId><version>{v}</version></dependency>" for g, a, v in _DEPENDENCIES)
+    return _POM.format(dependencies=deps)
+
+
+def _manifest_line(text: str) -> bytes:
+    """One manifest header, folded at 72 bytes as the JAR spec requires."""
+    raw = text.encode()
+    lines = [raw[:72]]
+    raw = raw[72:]
+    while raw:
+        lines.append(b" " + raw[:71])
+        raw = raw[71:]
+    return b"\r\n".join(lines) + b"\r\n"
+
+
+def write_launcher_jar(path: Path, main_class: str, lib: Path,
+                       classes: dict[str, bytes] | None = None) -> None:
+    """A jar holding only a manifest (``Main-Class``, ``Class-Path: lib/...``) and
+    optionally a few classes, so ``java -jar path`` runs ``main_class``."""
+    jars = sorted(p.name for p in lib.glob("*.jar"))
+    class_path = " ".join(f"{lib.name}/{name}" for name in jars)
+    manifest = (_manifest_line("Manifest-Version: 1.0") + _manifest_line(f"Main-Class: {main_class}")
+                + _manifest_line(f"Class-Path: {class_path}") + b"\r\n")
+    tmp = path.with_suffix(".tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as jar:
+        jar.writestr("META-INF/MANIFEST.MF", manifest)
+        for name, data in (classes or {}).items():
+            jar.writestr(name, data)
+    tmp.replace(path)
+
+
+def fetch(flink_version: str = DEFAULT_FLINK_VERSION, force: bool = False) -> Path:
+    """Fetches the jars once (Maven), compiles the expansion service's main and
+    writes the launcher jars. Returns the directory; quick when already done."""
+    if flink_version not in FLINK_VERSIONS:
+        raise ValueError(f"--flink_version must be one of {', '.join(FLINK_VERSIONS)}")
+    target = jars_dir(flink_version)
+    if is_fetched(flink_version) and not force:
+        _LOG.info("jars already in %s", target)
+        return target
+    for tool in ("mvn", "javac", "java"):
+        if shutil.which(tool) is None:
+            raise FileNotFoundError(f"`{tool}` is not installed (Java 17 JDK and Maven are needed)")
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "READY").unlink(missing_ok=True)
+    pom = target / "pom.xml"
+    pom.write_text(_pom(flink_version))
+    lib = target / "lib"
+    shutil.rmtree(lib, ignore_errors=True)
+    _LOG.info("resolving Beam Java %s for Flink %s with Maven (a few hundred MB, once)",
+              BEAM_JAVA_VERSION, flink_version)
+    subprocess.run(["mvn", "-B", "-q", "-f", str(pom), "dependency:copy-dependencies",
+                    f"-DoutputDirectory={lib}", "-DincludeScope=runtime"], check=True)
+    with tempfile.TemporaryDirectory(prefix="bertstream-javac-") as classes:
+        subprocess.run(["javac", "-cp", f"{lib}/*", "-d", classes, str(_JAVA_SOURCE)],
+                       check=True)
+        compiled = {p.relative_to(classes).as_posix(): p.read_bytes()
+                    for p in Path(classes).rglob("*.class")}
+    write_launcher_jar(job_server_jar(flink_version), JOB_SERVER_MAIN, lib)
+    write_launcher_jar(expansion_service_jar(flink_version), EXPANSION_MAIN, lib, compiled)
+    (target / "READY").write_text(f"beam-java {BEAM_JAVA_VERSION} flink {flink_version}\n")
+    _LOG.info("jars ready in %s", target)
+    return target

@@ -1,0 +1,103 @@
+"""The job on a real embedded Flink: Pub/Sub emulator -> Flink -> RunInference -> Redis.
+
+Needs the jars from ``python -m launcher fetch-jars`` (skips with that hint when
+they are missing), Java 17, the Pub/Sub emulator and redis-server. Pub/Sub is
+read through Beam's cross-language Java transform, expanded by the launcher's
+own expansion service (EMBEDDED in the Flink JVM, no Docker).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from launcher import jars
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "pipeline" / "data" / "sample_tweets.jsonl"
+
+pytestmark = [
+    pytest.mark.flink, pytest.mark.slow, pytest.mark.integration,
+    pytest.mark.skipif(not jars.is_fetched(),
+                       reason="run `python -m launcher fetch-jars` first (Maven Central)"),
+]
+
+
+def sample_messages(n: int) -> list[tuple[bytes, dict[str, str]]]:
+    """``n`` distinct good tweets as Pub/Sub ``(data, attributes)``, stamped now
+    (event time = publish time, so windows close as the watermark follows)."""
+    from ingest.message import BadTweet, format_time, to_message
+
+    out, seen = [], set()
+    now = format_time(datetime.now(UTC))
+    for line in SAMPLE.read_bytes().splitlines():
+        try:
+            message = to_message(json.loads(line))
+        except (ValueError, BadTweet):
+            continue
+        if message.tweet_id in seen:
+            continue
+        seen.add(message.tweet_id)
+        out.append((message.data, {"tweet_id": message.tweet_id, "event_ts": now}))
+        if len(out) == n:
+            break
+    assert len(out) == n, f"the sample has fewer than {n} good tweets"
+    return out
+
+
+def publish(topic: str, messages: list[tuple[bytes, dict[str, str]]]) -> None:
+    from google.cloud import pubsub_v1
+
+    publisher = pubsub_v1.PublisherClient()
+    for future in [publisher.publish(topic, data, **attrs) for data, attrs in messages]:
+        future.result(timeout=30)
+
+
+def wait_for_stream(client, key: str, count: int, timeout_s: float) -> int:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if client.xlen(key) >= count:
+            break
+        time.sleep(0.5)
+    return client.xlen(key)
+
+
+@pytest.mark.timeout(240)
+def test_flink_streams_pubsub_through_the_model_to_redis(pubsub_names, redis_url,
+                                                         tiny_model_dir):
+    import redis
+    from apache_beam.runners.runner import PipelineState
+
+    from launcher.flink import flink_job
+
+    good = sample_messages(12)
+    now = good[0][1]["event_ts"]
+    bad = [(b"{not json", {"tweet_id": "bad-1", "event_ts": now}),
+           (json.dumps({"id": "77", "created_at": now}).encode(),  # no text
+            {"tweet_id": "77", "event_ts": now})]
+    argv = ["--flink_master=[local]", "--environment_type=LOOPBACK", "--parallelism=1",
+            "--checkpointing_interval_ms=2000",
+            f"--input_subscription={pubsub_names['subscription']}",
+            f"--model_dir={tiny_model_dir}", f"--redis_url={redis_url}",
+            "--window_seconds=1", "--max_batch_wait_seconds=0.2"]
+    client = redis.Redis.from_url(redis_url)
+    with flink_job(argv) as job:
+        assert any(a.startswith("--beam_services=") for a in job.argv)
+        publish(pubsub_names["topic"], good + bad)
+        results = wait_for_stream(client, "sentiment:results", len(good), timeout_s=150)
+        dead = wait_for_stream(client, "sentiment:deadletter", len(bad), timeout_s=30)
+        assert job.result.state == PipelineState.RUNNING
+    assert job.result.state == PipelineState.CANCELLED, "the job was not cancelled cleanly"
+
+    assert results == len(good)
+    assert dead == len(bad)
+    entries = client.xrange("sentiment:results")
+    ids = {json.loads(fields[b"result"])["tweet_id"] for _, fields in entries}
+    assert ids == {attrs["tweet_id"] for _, attrs in good}
+    one = json.loads(entries[0][1][b"result"])
+    assert one["label"] in ("negative", "neutral", "positive")
+    assert set(one["probabilities"]) == {"negative", "neutral", "positive"}
