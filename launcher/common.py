@@ -13,7 +13,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 SETUP_FILE = ROOT / "setup.py"
-_SECRET_KEY = re.compile(r"pass(word)?|secret|token|credential_?file|private_?key|api_?key",
+# Option names only (whole words): transform ids in a pipeline are not secrets.
+_SECRET_KEY = re.compile(r"(^|_)(password|passwd|secret|token|api_key|private_key)(_|$)",
                          re.IGNORECASE)
 _URL_WITH_PASSWORD = re.compile(r"\b([a-z][a-z0-9+.-]*://[^/\s:@]*:)[^@\s/]+@", re.IGNORECASE)
 

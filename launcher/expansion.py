@@ -60,9 +60,9 @@ class LocalExpansionService(_LocalServer):
                                          start_new_session=True)
         try:
             _wait_for_port(self.port, self.proc, timeout, self.name)
-        except (RuntimeError, TimeoutError):
+        except (RuntimeError, TimeoutError) as err:
             self.stop()
-            raise RuntimeError(f"the expansion service did not start; log: {self.log_path}")
+            raise RuntimeError(f"{err}; its log: {self.log_path}") from err
         _LOG.info("started expansion service pid %d on %s", self.proc.pid, self.address)
         return self
 

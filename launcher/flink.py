@@ -77,9 +77,8 @@ class FlinkLaunch:
         flags, rest = parser().parse_known_args(argv)
         if flags.environment_type is None:
             flags.environment_type = "LOOPBACK" if flags.flink_master == "[local]" else "EXTERNAL"
-        if flags.environment_type in ("EXTERNAL", "DOCKER") and not flags.environment_config:
-            if flags.environment_type == "EXTERNAL":
-                raise ValueError("--environment_type=EXTERNAL needs --environment_config "
+        if flags.environment_type == "EXTERNAL" and not flags.environment_config:
+            raise ValueError("--environment_type=EXTERNAL needs --environment_config "
                                  "HOST:PORT (the SDK worker pool)")
         if flags.parallelism < 1:
             raise ValueError("--parallelism must be at least 1")
