@@ -1,0 +1,138 @@
+"""Shared pieces of the benchmarks: tweets, batches, tokens, FLOPs, GEMM peak."""
+
+from __future__ import annotations
+
+import bisect
+import datetime as dt
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.options import SAMPLE_TWEETS
+from transforms.inference import DEFAULT_BUCKETS, estimate_tokens
+
+
+def sample_texts() -> list[str]:
+    """The texts of the shipped sample's good lines (real-looking tweets)."""
+    texts = []
+    for line in SAMPLE_TWEETS.read_bytes().splitlines():
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(obj, dict) and isinstance(obj.get("text"), str) and obj["text"].strip():
+            texts.append(obj["text"])
+    return texts
+
+
+def make_tweets(n: int, per_second: float = 200.0, seed: int = 7,
+                start: dt.datetime | None = None) -> list[dict]:
+    """``n`` X API v2 tweet objects with unique ids, ``per_second`` of event time."""
+    rng = random.Random(seed)
+    texts = sample_texts()
+    start = start or dt.datetime(2026, 11, 20, 10, 0, tzinfo=dt.UTC)
+    tweets = []
+    for i in range(n):
+        stamp = start + dt.timedelta(seconds=i / per_second)
+        tweets.append({"id": str(1870000000000000000 + i), "text": rng.choice(texts),
+                       "created_at": stamp.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z",
+                       "author_id": str(rng.randrange(10**6)), "lang": "en"})
+    return tweets
+
+
+def write_jsonl(tweets: list[dict], path: Path) -> Path:
+    path.write_text("".join(json.dumps(t, ensure_ascii=False) + "\n" for t in tweets))
+    return path
+
+
+def pipeline_batches(tweets: list[dict], window_seconds: float, max_batch_size: int,
+                     buckets=DEFAULT_BUCKETS) -> list[list[str]]:
+    """The batches the pipeline's batching forms on a bounded input: per event-time
+    window and length bucket, in arrival order, cut at ``max_batch_size``."""
+    groups: dict[tuple, list[str]] = {}
+    for t in tweets:
+        stamp = dt.datetime.fromisoformat(t["created_at"].replace("Z", "+00:00")).timestamp()
+        key = (int(stamp // window_seconds), bisect.bisect_right(buckets,
+                                                                 estimate_tokens(t["text"])))
+        groups.setdefault(key, []).append(t["text"])
+    return [texts[i:i + max_batch_size] for _, texts in sorted(groups.items())
+            for i in range(0, len(texts), max_batch_size)]
+
+
+class Tokenizer:
+    """The model's own WordPiece tokenizer (same vocabulary, same normalization)."""
+
+    def __init__(self, max_length: int):
+        import keras_hub
+        import tensorflow as tf
+
+        from model import data
+        from model.build import DEFAULT_CACHE
+        from model.export import normalize_text
+
+        vocab = data.fetch(data.ENCODER, DEFAULT_CACHE) / "vocab.txt"
+        self._tok = keras_hub.models.BertTokenizer(vocabulary=str(vocab), lowercase=True)
+        self._norm = normalize_text
+        self._tf = tf
+        self.max_length = max_length
+
+    def lengths(self, texts: list[str]) -> np.ndarray:
+        """Token counts with [CLS] and [SEP], capped like the serving graph."""
+        tf = self._tf
+        ids = tf.function(lambda t: self._tok(self._norm(t)).row_lengths())(tf.constant(texts))
+        return np.minimum(ids.numpy() + 2, self.max_length)
+
+
+def architecture(version_dir: Path) -> dict:
+    """Layers, hidden and intermediate sizes, read from the SavedModel's variables."""
+    import tensorflow as tf
+
+    shapes = tf.train.load_checkpoint(str(version_dir / "variables" / "variables")) \
+        .get_variable_to_shape_map()
+    layers = hidden = intermediate = 0
+    for name, shape in shapes.items():
+        if "token_embedding" in name and len(shape) == 2:
+            hidden = shape[1]
+        if "feedforward_intermediate_dense/_kernel" in name:
+            layers += 1
+            intermediate = shape[1]
+    return {"num_layers": layers, "hidden": hidden, "intermediate": intermediate}
+
+
+def flops_per_sequence(length: int, arch: dict) -> float:
+    """Forward FLOPs (multiply-add = 2) of a BERT encoder + pooler + head.
+
+    Per layer and token: Q, K, V and output projections 4 * 2h^2, the
+    feed-forward 2 * 2hi; attention scores and context 2 * 2Lh per token.
+    """
+    h, i, n = arch["hidden"], arch["intermediate"], arch["num_layers"]
+    per_layer = length * (8 * h * h + 4 * h * i) + 4 * length * length * h
+    return n * per_layer + 2 * h * h + 2 * h * 3
+
+
+def gemm_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """Best of several square fp32 matmuls, in GFLOP/s."""
+    import tensorflow as tf
+
+    a = tf.random.normal((n, n))
+    b = tf.random.normal((n, n))
+    tf.linalg.matmul(a, b).numpy()  # warm-up
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        tf.linalg.matmul(a, b).numpy()
+        best = max(best, 2 * n ** 3 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def stream_rate(client, stream: str) -> tuple[int, float]:
+    """(entries, seconds from the first entry to the last), from XADD's ms ids."""
+    first = client.xrange(stream, count=1)
+    last = client.xrevrange(stream, count=1)
+    if not first:
+        return 0, 0.0
+    ms = [int(entries[0][0].decode().split("-")[0]) for entries in (first, last)]
+    return client.xlen(stream), (ms[1] - ms[0]) / 1000.0
