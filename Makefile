@@ -60,7 +60,9 @@ reliability: setup
 
 bench: setup
 	$(PY) benchmarks/model_throughput.py --model $(MODEL_DIR)
-	$(PY) benchmarks/throughput.py --model_dir $(MODEL_DIR)
+	$(PY) benchmarks/throughput.py --model_dir $(MODEL_DIR) --inference tfserving
+	$(PY) benchmarks/latency.py --model_dir $(MODEL_DIR) --seconds 60
+	$(PY) benchmarks/ingest_throughput.py
 
 lint: venv
 	$(VENV)/bin/ruff check .

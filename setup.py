@@ -36,6 +36,10 @@ DEV = [
     "psutil>=5.9",
 ]
 
+# What the ingester alone needs (its container image installs `.[ingest]`
+# with --no-deps for the rest, so it carries no TensorFlow or Beam).
+INGEST = ["tweepy>=4.14,<5", "google-cloud-pubsub>=2.20,<3", "requests>=2.31"]
+
 setup(
     name="bertstream",
     version="0.1.0",
@@ -49,7 +53,7 @@ setup(
                                     "model", "model.*"]),
     package_data={"pipeline": ["data/*.jsonl"], "ingest": ["data/*.jsonl"]},
     install_requires=REQUIRED,
-    extras_require={"dev": DEV},
+    extras_require={"dev": DEV, "ingest": INGEST},
     entry_points={
         "console_scripts": [
             "bertstream-pipeline=pipeline.__main__:main",

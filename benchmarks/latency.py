@@ -1,0 +1,164 @@
+"""Latency from publish to a subscriber's receipt, under a steady offered load.
+
+    python benchmarks/latency.py [--rate TPS | --capacity TPS] [--seconds S]
+                                 [--model_dir DIR]
+
+Starts the Pub/Sub emulator and a redis-server, runs the streaming job on the
+DirectRunner, subscribes to the results channel, then publishes tweets at a
+steady rate (default: half the capacity measured by a short streaming run, or
+half of --capacity) with their event time = publish time. Prints one JSON
+object as the last line: p50/p90/p99/max milliseconds from publish to receipt,
+the offered and achieved rates, and whether p99 met the target (window + 1 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from benchmarks import common  # noqa: E402
+
+_LOG = logging.getLogger("latency")
+
+
+def _iso(seconds: float) -> str:
+    stamp = dt.datetime.fromtimestamp(seconds, dt.UTC)
+    return stamp.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def measure(rate: float, seconds: float, model_dir: str, window: float,
+            warmup_seconds: float = 10.0) -> dict:
+    import apache_beam as beam
+    import numpy as np
+    import redis
+    from google.cloud import pubsub_v1
+
+    from pipeline.local_servers import LocalPubSubEmulator, LocalRedis
+    from pipeline.pipeline import build, make_options
+
+    texts = common.sample_texts()
+    with LocalRedis() as server, LocalPubSubEmulator() as emulator:
+        os.environ["PUBSUB_EMULATOR_HOST"] = emulator.host
+        publisher = pubsub_v1.PublisherClient(
+            batch_settings=pubsub_v1.types.BatchSettings(max_latency=0.005))
+        subscriber = pubsub_v1.SubscriberClient()
+        topic = publisher.topic_path("bertstream-bench", "latency")
+        subscription = subscriber.subscription_path("bertstream-bench", "latency-sub")
+        publisher.create_topic(name=topic)
+        subscriber.create_subscription(name=subscription, topic=topic)
+
+        received: dict[str, float] = {}
+        client = redis.Redis.from_url(server.url)
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe("sentiment")
+        stop = threading.Event()
+
+        def listen():
+            while not stop.is_set():
+                message = pubsub.get_message(timeout=0.2)
+                if message:
+                    received[json.loads(message["data"])["tweet_id"]] = time.time()
+
+        listener = threading.Thread(target=listen, daemon=True)
+        listener.start()
+        options = make_options(["--runner=DirectRunner", "--input_subscription", subscription,
+                                "--redis_url", server.url, "--model_dir", model_dir,
+                                "--window_seconds", str(window)])
+        pipeline = beam.Pipeline(options=options)
+        build(pipeline, options)
+        result = pipeline.run()
+        published: dict[str, float] = {}
+        counter = iter(range(10**9))
+
+        def publish_one() -> tuple[str, float]:
+            i = next(counter)
+            now = time.time()
+            tweet_id = str(1880000000000000000 + i)
+            body = {"id": tweet_id, "text": texts[i % len(texts)], "created_at": _iso(now)}
+            publisher.publish(topic, json.dumps(body).encode(), tweet_id=tweet_id,
+                              event_ts=_iso(now))
+            return tweet_id, now
+
+        try:
+            # Warm up until the job answers (start-up, model load, first traces),
+            # then keep the load on for warmup_seconds before measuring.
+            deadline = time.time() + 300
+            while not received and time.time() < deadline:
+                publish_one()
+                time.sleep(0.5)
+            start = time.time()
+            total = int(rate * (seconds + warmup_seconds))
+            for i in range(total):
+                delay = start + i / rate - time.time()
+                if delay > 0:
+                    time.sleep(delay)
+                tweet_id, now = publish_one()
+                if now - start >= warmup_seconds:
+                    published[tweet_id] = now
+            deadline = time.time() + 60
+            while time.time() < deadline and not set(published) <= set(received):
+                time.sleep(0.2)
+        finally:
+            stop.set()
+            result.cancel()
+            os.environ.pop("PUBSUB_EMULATOR_HOST", None)
+    latencies = np.array([(received[t] - p) * 1000 for t, p in published.items()
+                          if t in received])
+    lost = len(published) - len(latencies)
+    return {
+        "offered_tps": rate, "seconds": seconds, "measured": len(published),
+        "received": int(len(latencies)), "missing": lost,
+        "p50_ms": float(np.percentile(latencies, 50)) if len(latencies) else None,
+        "p90_ms": float(np.percentile(latencies, 90)) if len(latencies) else None,
+        "p99_ms": float(np.percentile(latencies, 99)) if len(latencies) else None,
+        "max_ms": float(latencies.max()) if len(latencies) else None,
+        "target_p99_ms": (window + 1) * 1000,
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rate", type=float, default=None, help="tweets/s to offer")
+    p.add_argument("--capacity", type=float, default=None,
+                   help="known capacity (tweets/s); the offered load is half of it")
+    p.add_argument("--seconds", type=float, default=60)
+    p.add_argument("--window_seconds", type=float, default=2.0)
+    p.add_argument("--model_dir", default=str(ROOT / "models" / "bert_sentiment"))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("apache_beam").setLevel(logging.WARNING)
+
+    rate, capacity = args.rate, args.capacity
+    if rate is None and capacity is None:
+        from benchmarks.throughput import pipeline_streaming
+        from pipeline.local_servers import LocalRedis
+
+        _LOG.info("measuring streaming capacity first")
+        with LocalRedis() as server:
+            run = pipeline_streaming(common.make_tweets(600), args.model_dir, server.url,
+                                     args.window_seconds, 64)
+        capacity = run["tps"]
+    rate = rate or capacity / 2
+    _LOG.info("offering %.1f tweets/s for %.0fs", rate, args.seconds)
+    out = measure(rate, args.seconds, args.model_dir, args.window_seconds)
+    out["capacity_tps"] = capacity
+    out["p99_within_target"] = out["p99_ms"] is not None and \
+        out["p99_ms"] <= out["target_p99_ms"]
+    print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
