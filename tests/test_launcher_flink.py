@@ -9,6 +9,7 @@ own expansion service (EMBEDDED in the Flink JVM, no Docker).
 from __future__ import annotations
 
 import json
+import os
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -121,15 +122,16 @@ def test_flink_reads_the_emulator_through_the_xlang_pubsub_source(pubsub_names, 
 
 
 def pubsub_emulator_host() -> str:
-    import os
-
     return os.environ["PUBSUB_EMULATOR_HOST"]
 
 
-@pytest.mark.xfail(reason="Python SDK 2.77 against the Beam Java 2.62 Flink runner (the newest "
-                          "served here): the runner cannot decode the KV<id, Tweet row> the "
-                          "Python stage emits (ArrayIndexOutOfBounds in PaneInfoCoder)",
-                   strict=False)
+# Python SDK 2.77 against the Beam Java 2.62 Flink runner (the newest served here):
+# the runner cannot decode the KV<id, Tweet row> the Python stage emits
+# (ArrayIndexOutOfBounds in PaneInfoCoder), and Flink keeps restarting the task,
+# so the test would only wait out its timeout. Opt in once the job server matches.
+@pytest.mark.skipif(not os.environ.get("BERTSTREAM_FLINK_E2E"),
+                    reason="needs a job server matching the Python SDK (2.77); the 2.62 one "
+                           "fails on the keyed stage: set BERTSTREAM_FLINK_E2E=1 to run")
 @pytest.mark.timeout(240)
 def test_flink_streams_pubsub_through_the_model_to_redis(pubsub_names, redis_url,
                                                          tiny_model_dir):
