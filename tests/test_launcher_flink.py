@@ -116,7 +116,10 @@ def test_flink_reads_the_emulator_through_the_xlang_pubsub_source(pubsub_names, 
         finally:
             state = job.cancel()
     assert state == PipelineState.CANCELLED
-    assert got == len(messages)
+    # The read is at least once: a message whose ack (at checkpoint
+    # finalization) came after its deadline is delivered again. The project's
+    # sink dedupes by tweet id; this raw test sink does not, so compare sets.
+    assert got >= len(messages)
     data = {fields[b"data"] for _, fields in client.xrange("read:test")}
     assert data == {d for d, _ in messages}
 
