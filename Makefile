@@ -7,7 +7,7 @@ MODEL_DIR ?= models/bert_sentiment
 export BERTSTREAM_CACHE ?= $(HOME)/.cache/bertstream
 PYTEST_ARGS ?=
 
-.PHONY: help setup venv redis emulator model run test bench lint reliability constraints clean
+.PHONY: help setup venv redis emulator model jars run test bench lint reliability constraints clean
 
 help:
 	@echo "make run          set up, then run the pipeline on its embedded defaults (DirectRunner)"
@@ -17,7 +17,7 @@ help:
 	@echo "make lint         ruff over the project"
 	@echo "make setup        venv + pip install + redis-server + the default model (cached)"
 
-setup: venv redis emulator model
+setup: venv redis emulator model jars
 
 venv: $(VENV)/.installed
 
@@ -47,6 +47,14 @@ emulator: venv
 
 model: venv
 	$(PY) -m model build --out $(MODEL_DIR)
+
+# The Beam Flink job server and the GCP expansion service (Maven, cached once).
+jars: venv
+	@if command -v mvn >/dev/null && command -v javac >/dev/null; then \
+	  $(PY) -m launcher fetch-jars; \
+	else \
+	  echo "mvn and a JDK (javac) are needed for the Flink runner's jars: sudo apt-get install -y maven openjdk-17-jdk-headless"; exit 1; \
+	fi
 
 run: setup
 	$(PY) -m pipeline --runner=DirectRunner --model_dir $(MODEL_DIR)
