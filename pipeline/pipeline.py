@@ -16,7 +16,7 @@ from apache_beam.options.pipeline_options import GoogleCloudOptions, StandardOpt
 from apache_beam.transforms import window
 
 from pipeline.options import SAMPLE_TWEETS, BertstreamOptions
-from transforms.dedupe import DedupeByTweetId
+from transforms.dedupe import REPLAY_PREFIX, DedupeByTweetId
 from transforms.inference import RunSentiment, local_handler
 from transforms.parse import ParseTweets
 from transforms.redis_sink import WriteDeadLetters, WriteToRedis
@@ -36,8 +36,11 @@ def read_lines(path: str) -> Iterator[tuple[str, bytes]]:
 
 
 def _pubsub_message(message) -> tuple[str, bytes]:
-    source_id = message.message_id or (message.attributes or {}).get("tweet_id") or ""
-    return f"pubsub:{source_id}", message.data
+    attributes = message.attributes or {}
+    source_id = f"pubsub:{message.message_id or attributes.get('tweet_id') or ''}"
+    if attributes.get("replay"):  # set by pipeline.replay_deadletter
+        source_id = f"{REPLAY_PREFIX}{attributes['replay']}/{source_id}"
+    return source_id, message.data
 
 
 class ReadTweets(beam.PTransform):

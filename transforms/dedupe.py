@@ -27,6 +27,18 @@ from apache_beam.utils.timestamp import Timestamp
 from transforms.records import Tweet
 
 DEFAULT_TTL_SECONDS = 600
+# Source ids of tweets re-published from the dead letter start with this
+# (``replay:<dead-letter entry id>/pubsub:<message id>``): a replay is a new
+# attempt at a tweet whose first attempt failed after this step had already
+# remembered its id, so it is deduplicated apart from that first attempt.
+REPLAY_PREFIX = "replay:"
+
+
+def dedupe_key(tweet: Tweet) -> str:
+    """The tweet id, plus the replay's entry id for a replayed tweet."""
+    if tweet.source_id.startswith(REPLAY_PREFIX):
+        return f"{tweet.tweet_id}@{tweet.source_id.split('/', 1)[0]}"
+    return tweet.tweet_id
 
 
 class _DedupeFn(beam.DoFn):
@@ -64,6 +76,6 @@ class DedupeByTweetId(beam.PTransform):
 
     def expand(self, tweets):
         return (tweets
-                | "KeyById" >> beam.Map(lambda t: (t.tweet_id, t)).with_output_types(
+                | "KeyById" >> beam.Map(lambda t: (dedupe_key(t), t)).with_output_types(
                     tuple[str, Tweet])
                 | "FirstPerId" >> beam.ParDo(_DedupeFn(self._ttl)))
