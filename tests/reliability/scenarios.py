@@ -228,7 +228,7 @@ def tfserving_outage(ctx: Ctx) -> dict:
                              for k, tag in enumerate(("before", "outage", "after")))
     ids = [t["id"] for t in before + during + after]
     argv = job_argv(ctx, subscription, server.url, "--inference", "tfserving",
-                    "--tfserving_target", peer.target)
+                    "--tfserving_target", peer.target, "--length_buckets", "1000")
     try:
         handler = tfserving_handler(make_options(argv), num_retries=1, throttle_delay_secs=1)
         with InProcessJob(argv, handler):
