@@ -46,6 +46,7 @@ def test_pubsub_duplicates_and_redelivery(ctx):
     _exactly_once(counts)
     assert counts["redelivered"] > 0, counts
     assert counts["skipped_at_sink"] > 0, counts  # copies past the in-memory dedupe
+    assert counts["duplicates_skipped"] == counts["sent"] - counts["distinct_tweets"], counts
 
 
 @pytest.mark.timeout(LONG)
