@@ -30,9 +30,10 @@ def _streaming_pipeline() -> TestPipeline:
     return TestPipeline(options=options)
 
 
-def _job(tweets, model_dir, max_batch_size=64, wait=0.5, window_seconds=2.0, lateness=3600):
+def _job(tweets, model_dir, max_batch_size=64, wait=0.5, window_seconds=2.0, lateness=3600,
+         dedupe_shards=None):
     windowed = (tweets
-                | DedupeByTweetId(ttl_seconds=600)
+                | DedupeByTweetId(ttl_seconds=600, shards=dedupe_shards)
                 | WindowByEventTime(window_seconds, lateness))
     results, dead = windowed | RunSentiment(local_handler(str(model_dir)), max_batch_size, wait)
     return results, dead
@@ -98,7 +99,8 @@ def test_late_tweets_are_scored_and_flagged(tiny_model_dir):
         ("fresh", iso_from_seconds(T0 + 10), False)])
 
 
-def test_dedupe_across_windows(tiny_model_dir):
+@pytest.mark.parametrize("shards", [None, 0], ids=["sharded", "per-id"])
+def test_dedupe_across_windows(tiny_model_dir, shards):
     stream = (TestStream()
               .advance_watermark_to(T0)
               .add_elements([TimestampedValue(tweet("7"), T0 + 0.5)])
@@ -108,7 +110,7 @@ def test_dedupe_across_windows(tiny_model_dir):
                              TimestampedValue(tweet("8"), T0 + 6.5)])
               .advance_watermark_to_infinity())
     with _streaming_pipeline() as p:
-        results, _ = _job(p | stream, tiny_model_dir)
+        results, _ = _job(p | stream, tiny_model_dir, dedupe_shards=shards)
         _collect(results, "ids", lambda r: r.tweet_id)
     assert sorted(_Collect.seen["ids"]) == ["7", "8"]
 
@@ -152,3 +154,70 @@ def test_batch_wait_flushes_before_the_window_ends(tiny_model_dir):
     assert sorted(_Collect.seen["ids"]) == ["w1", "w2"]
     assert BatchStats.elements == 2
     assert sorted(BatchStats.sizes) == [1, 1]
+
+
+class _SetState:
+    def __init__(self):
+        self.items = set()
+
+    def read(self):
+        return self.items
+
+    def add(self, value):
+        self.items.add(value)
+
+    def clear(self):
+        self.items = set()
+
+
+class _ValueState:
+    value = None
+
+    def read(self):
+        return self.value
+
+    def write(self, value):
+        self.value = value
+
+    def clear(self):
+        self.value = None
+
+
+class _Timer:
+    at = None
+
+    def set(self, at):
+        self.at = at
+
+
+def test_sharded_dedupe_forgets_an_id_after_two_rotations():
+    """The sharded layout's generations, with the DoFn called directly (a
+    TestStream cannot drive its wall-clock timer: the test clock starts at 0)."""
+    from transforms.dedupe import _ShardedDedupeFn
+
+    fn = _ShardedDedupeFn(ttl_seconds=10)
+    current, previous, armed, timer = _SetState(), _SetState(), _ValueState(), _Timer()
+
+    def offer(tweet_id):
+        return list(fn.process((0, tweet(tweet_id)), current, previous, armed, timer))
+
+    assert len(offer("9")) == 1 and timer.at is not None
+    assert offer("9") == []  # duplicate within the generation
+    fn.rotate(current, previous, armed, timer)
+    assert offer("9") == []  # still remembered in the previous generation
+    fn.rotate(current, previous, armed, timer)
+    assert len(offer("9")) == 1  # forgotten after ttl: state stays bounded
+    fn.rotate(current, previous, armed, timer)
+    fn.rotate(current, previous, armed, timer)
+    assert current.items == set() and previous.items == set() and armed.read() is None
+
+
+def test_per_id_dedupe_expiry_clears_its_key():
+    from transforms.dedupe import _DedupeFn
+
+    fn = _DedupeFn(ttl_seconds=10)
+    seen, timer = _ValueState(), _Timer()
+    assert len(list(fn.process(("9", tweet("9")), seen, timer))) == 1
+    assert list(fn.process(("9", tweet("9")), seen, timer)) == []
+    fn.expire(seen)
+    assert len(list(fn.process(("9", tweet("9")), seen, timer))) == 1
