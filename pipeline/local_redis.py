@@ -50,8 +50,11 @@ def ensure_redis(options):
         yield RedisInfo(config.url)
         return
     except (redis.ConnectionError, redis.TimeoutError) as err:
-        host = urllib.parse.urlparse(config.url).hostname or ""
-        if options.no_local_redis or host not in _LOOPBACK:
+        parsed = urllib.parse.urlparse(config.url)
+        # Not for rediss://: a TLS failure (an untrusted certificate) looks like
+        # a connection error, and a plaintext stand-in would take the results.
+        if options.no_local_redis or parsed.hostname not in _LOOPBACK \
+                or parsed.scheme != "redis":
             raise ValueError(f"--redis_url {redacted(config.url)}: {err}") from None
         _LOG.info("nothing answers at %s; starting a redis-server of our own",
                   redacted(config.url))
