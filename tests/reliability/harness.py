@@ -203,22 +203,22 @@ class RssSampler(threading.Thread):
         self._proc = psutil.Process(pid)
         self._every = every
         self.samples: list[tuple[float, float]] = []
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
         import psutil
 
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             try:
                 rss = self._proc.memory_info().rss
                 rss += sum(c.memory_info().rss for c in self._proc.children(recursive=True))
             except psutil.Error:
                 return
             self.samples.append((time.monotonic(), rss / 2**20))
-            self._stop.wait(self._every)
+            self._halt.wait(self._every)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join(5)
 
     def peaks(self, since: float, until: float, share: float = 0.2) -> tuple[float, float]:

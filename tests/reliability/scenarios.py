@@ -119,7 +119,7 @@ def pipeline_crash(ctx: Ctx) -> dict:
     sink keeps one result per tweet id. The Python DirectRunner acknowledges
     a message as soon as it has pulled it, so what the killed job had pulled
     but not yet written is gone: ``lost`` is measured, not asserted."""
-    n = 2000 if ctx.full else 240
+    n = 2000 if ctx.full else 180
     server = LocalRedis().start()
     client = client_for(server.url)
     topic, subscription = new_topic(ack_deadline_seconds=10)
@@ -144,7 +144,7 @@ def pipeline_crash(ctx: Ctx) -> dict:
         assert second.alive(), second.output()[-3000:]
         # Past the ack deadline (10 s), anything unacknowledged is back.
         wait_for_quiet(lambda: _results(client), lambda: _results(client) >= n,
-                       quiet=30, timeout=600)
+                       quiet=25, timeout=600)
         time.sleep(2)
         second.interrupt()
         s = stats(client)
@@ -288,16 +288,16 @@ class ChannelCounter(threading.Thread):
         self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
         self._pubsub.subscribe(channel)
         self.ids: Counter[str] = Counter()
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             msg = self._pubsub.get_message(timeout=0.5)
             if msg is not None:
                 self.ids[json.loads(msg["data"])["tweet_id"]] += 1
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join(5)
         self._pubsub.close()
         self._client.close()
@@ -308,7 +308,7 @@ def sustained_load(ctx: Ctx) -> dict:
     5 minutes), ``python -m pipeline`` as its own process: its peak RSS at the
     start and at the end, the results stream's length against its MAXLEN, and
     every tweet id written once."""
-    n, rate = (20_000, 20_000 / 300) if ctx.full else (300, 30.0)
+    n, rate = (20_000, 20_000 / 300) if ctx.full else (200, 40.0)
     maxlen, node = (2000 if ctx.full else 100), 100  # stream-node-max-entries
     server = LocalRedis().start()
     client = client_for(server.url)
