@@ -76,7 +76,12 @@ def acl_user(ctx: Ctx) -> dict:
     server = LocalRedis(password=admin_pw).start()
     admin = client_for(server.url)
     try:
-        admin.execute_command("ACL", "SETUSER", "bertstream", "on", f">{sink_pw}", *SINK_ACL)
+        admin.execute_command("ACL", "SETUSER", "bertstream", "on", f">{sink_pw}",
+                              *[r for r in SINK_ACL if r != "+client|setinfo"])
+        try:  # CLIENT SETINFO is Redis 7.2+ (redis-py ignores its absence)
+            admin.execute_command("ACL", "SETUSER", "bertstream", "+client|setinfo")
+        except redis.ResponseError:
+            pass
         ids = _tweets_file(ctx.work_dir / "acl.jsonl", n, 1_876_000_000_000_000_000)
         base = f"127.0.0.1:{server.port}/0"
         # The password in the URL (redacted in every line the job prints)...
