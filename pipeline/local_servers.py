@@ -66,11 +66,20 @@ class _LocalServer:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(5)
 
+    _own_dir = False
+    data_dir = ""
+
+    def start(self):
+        raise NotImplementedError
+
     def __enter__(self):
-        return self
+        return self.start()
 
     def __exit__(self, *exc):
         self.stop()
+        # A directory the caller gave is kept (a restart replays its AOF).
+        if self._own_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
 class LocalRedis(_LocalServer):
@@ -117,13 +126,6 @@ class LocalRedis(_LocalServer):
         _LOG.info("started redis-server pid %d on 127.0.0.1:%d", self.proc.pid, self.port)
         return self
 
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
-        if self._own_dir:
-            shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
 def find_pubsub_emulator() -> str | None:
@@ -186,10 +188,3 @@ class LocalPubSubEmulator(_LocalServer):
         raise TimeoutError(f"the Pub/Sub emulator did not start in {timeout:.0f}s: "
                            f"{self.log_path}")
 
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
-        if self._own_dir:
-            shutil.rmtree(self.data_dir, ignore_errors=True)
