@@ -222,10 +222,11 @@ class RssSampler(threading.Thread):
         self.join(5)
 
     def peaks(self, since: float, until: float, share: float = 0.2) -> tuple[float, float]:
-        """Peak RSS in the first and the last ``share`` of [since, until]."""
-        span = max(until - since, 1e-6)
-        first = [mb for t, mb in self.samples if since <= t <= since + share * span]
-        last = [mb for t, mb in self.samples if until - share * span <= t <= until]
+        """Peak RSS in the first and the last ``share`` of [since, until]
+        (at least 3 s each, so that a short run has samples in both)."""
+        span = max(share * (until - since), 3.0)
+        first = [mb for t, mb in self.samples if since <= t <= since + span]
+        last = [mb for t, mb in self.samples if until - span <= t <= until]
         return round(max(first, default=0), 1), round(max(last, default=0), 1)
 
 

@@ -77,7 +77,7 @@ def redis_restart(ctx: Ctx) -> dict:
     remembers every tweet id it acknowledged; the sink's retries (6, about
     12 s of backoff) outlast the outage, and a flush whose reply was lost is
     simply written again (SET NX makes that a no-op)."""
-    n = 800 if ctx.full else 160
+    n = 800 if ctx.full else 120
     data_dir = ctx.work_dir / "redis-restart"
     data_dir.mkdir(parents=True, exist_ok=True)
     server = LocalRedis(data_dir=str(data_dir), extra_args=["--appendfsync", "always"]).start()
@@ -89,7 +89,7 @@ def redis_restart(ctx: Ctx) -> dict:
     try:
         with InProcessJob(job_argv(ctx, subscription, server.url, "--redis_retries", "6")):
             sender = _in_background(publish, topic, [message(t) for t in tweets],
-                                    40 if ctx.full else 20)
+                                    40 if ctx.full else 30)
             wait_until(lambda: _results(client) >= n // 4, 240, "a quarter of the results")
             before = _results(client)
             server.stop(signal.SIGKILL)
@@ -144,7 +144,7 @@ def pipeline_crash(ctx: Ctx) -> dict:
         assert second.alive(), second.output()[-3000:]
         # Past the ack deadline (10 s), anything unacknowledged is back.
         wait_for_quiet(lambda: _results(client), lambda: _results(client) >= n,
-                       quiet=25, timeout=600)
+                       quiet=15, timeout=600)
         time.sleep(2)
         second.interrupt()
         s = stats(client)
@@ -246,26 +246,31 @@ def tfserving_outage(ctx: Ctx) -> dict:
             dead = dead_letters(client)
             peer = serve(ctx.model_dir, port)
             ctx.log("tfserving_outage: peer back; replaying the dead letter")
-            replay = subprocess.run(
-                [sys.executable, "-m", "pipeline.replay_deadletter", "--redis_url", server.url,
-                 "--topic", topic, "--delete"],
-                cwd=ROOT, capture_output=True, text=True, timeout=120)
-            assert replay.returncode == 0, replay.stderr[-3000:]
-            replayed = json.loads(replay.stdout.strip().splitlines()[-1])
             publish(topic, [message(t) for t in after])
-            try:
-                wait_until(lambda: len(written_ids(client, ids)) >= 3 * n, 240,
-                           "every tweet scored, the replayed ones too")
-            except AssertionError as err:
+            # gRPC's reconnect backoff can still fail the first batches after
+            # the peer is back: they are dead-lettered again, and replayed in
+            # the next round (as an operator would run the replay again).
+            replayed, rounds = Counter(), 0
+            while rounds < 5:
+                rounds += 1
+                if client.xlen(DEADLETTER):
+                    replayed.update(_replay(server.url, topic))
+                quiet = wait_for_quiet(
+                    lambda: len(written_ids(client, ids)) + client.xlen(DEADLETTER),
+                    lambda: len(written_ids(client, ids)) >= 3 * n, quiet=15, timeout=240)
+                if quiet:
+                    break
+            if len(written_ids(client, ids)) < 3 * n:
                 groups = {name: len(written_ids(client, [t["id"] for t in group]))
                           for name, group in (("before", before), ("outage", during),
                                               ("after", after))}
-                raise AssertionError(f"{err}; results per group of {n}: {groups}, "
-                                     f"replay: {replayed}") from None
+                raise AssertionError(f"not every tweet scored after {rounds} replays; "
+                                     f"results per group of {n}: {groups}, "
+                                     f"replay: {dict(replayed)}")
             time.sleep(2)
             counts = tally(client, ids)
         counts.update(dead_letters=len(dead), replayed=replayed.get("published", 0),
-                      deleted=replayed.get("deleted", 0),
+                      deleted=replayed.get("deleted", 0), replay_rounds=rounds,
                       dead_letter_stages=sorted({d["stage"] for d in dead}),
                       dead_letter_reason=dead[0]["reason"][:200] if dead else "",
                       left_in_dead_letter=client.xlen(DEADLETTER))
@@ -274,6 +279,15 @@ def tfserving_outage(ctx: Ctx) -> dict:
         peer.stop(None)
         client.close()
         server.stop()
+
+
+def _replay(redis_url: str, topic: str) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.replay_deadletter", "--redis_url", redis_url,
+         "--topic", topic, "--delete"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    return {k: v for k, v in summary.items() if isinstance(v, int)}
 
 
 # --- sustained load ---------------------------------------------------------------------

