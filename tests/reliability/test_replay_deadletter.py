@@ -96,3 +96,25 @@ def test_flags_are_named_in_errors():
                               cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2, (args, proc.stderr)
         assert flag in proc.stderr, (args, proc.stderr)
+
+
+def test_a_replay_is_deduplicated_apart_from_its_failed_attempt():
+    from apache_beam.io.gcp.pubsub import PubsubMessage
+
+    from pipeline.pipeline import _pubsub_message
+    from transforms.dedupe import dedupe_key
+    from transforms.parse import parse_tweet
+
+    data = b'{"id": "1880000000000000009", "text": "hello"}'
+    first = PubsubMessage(data, {"tweet_id": "1880000000000000009"}, message_id="m1")
+    replay = PubsubMessage(data, {"tweet_id": "1880000000000000009", "replay": "17-0"},
+                           message_id="m2")
+    again = PubsubMessage(data, {"tweet_id": "1880000000000000009", "replay": "17-0"},
+                          message_id="m3")
+    keys = []
+    for m in (first, replay, again):
+        source_id, raw = _pubsub_message(m)
+        keys.append(dedupe_key(parse_tweet(raw, source_id)))
+    assert keys[0] == "1880000000000000009"
+    assert keys[1] == keys[2] != keys[0]  # a redelivered replay is still a duplicate
+    assert _pubsub_message(replay)[0] == "replay:17-0/pubsub:m2"
