@@ -149,7 +149,7 @@ def tls(ctx: Ctx) -> dict:
         counts = tally(client, ids)
         plain = _pipeline(ctx, "--input_file", str(ctx.work_dir / "tls.jsonl"),
                           "--redis_url", url, local_redis=True)  # CA not in the system roots
-        counts.update(tls_version=client.execute_command("INFO", "server").get(
+        counts.update(redis_version=client.execute_command("INFO", "server").get(
                           "redis_version"),
                       without_ca_exit=plain.returncode,
                       without_ca_message=plain.stderr.strip().splitlines()[-1:],
