@@ -45,7 +45,9 @@ def test_pubsub_duplicates_and_redelivery(ctx):
     counts = scenarios.pubsub_duplicates(ctx)
     _exactly_once(counts)
     assert counts["redelivered"] > 0, counts
-    assert counts["skipped_at_sink"] > 0, counts  # copies past the in-memory dedupe
+    # Which layer caught a copy (the job's in-memory dedupe or the sink's SET
+    # NX) depends on how fast the job drains the first wave; either way no
+    # copy may become a second result. `skipped_at_sink` is reported, not asserted.
     assert counts["duplicates_skipped"] == counts["sent"] - counts["distinct_tweets"], counts
 
 
