@@ -47,6 +47,23 @@ def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float, what: str)
     raise TimeoutError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:.0f}s")
 
 
+def stop_process_group(proc: subprocess.Popen, sig: int = signal.SIGTERM,
+                       timeout: float = 15.0) -> int | None:
+    """Sends ``sig`` to ``proc``'s process group (it was started with
+    ``start_new_session``), waits ``timeout`` s, then SIGKILLs what is left."""
+    if proc.poll() is not None:
+        return proc.returncode
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        return proc.poll()
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        return proc.wait(10)
+
+
 class _LocalServer:
     proc: subprocess.Popen | None = None
     port: int = 0
@@ -54,17 +71,8 @@ class _LocalServer:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
         """Stops the server by its PID (its process group) and waits for it."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        try:
-            os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(5)
+        if self.proc is not None:
+            stop_process_group(self.proc, sig, timeout)
 
     _own_dir = False
     data_dir = ""

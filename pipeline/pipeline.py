@@ -62,7 +62,6 @@ class ReadTweets(beam.PTransform):
             return (p | "InputFile" >> beam.Create([o.input_file or str(SAMPLE_TWEETS)])
                     | "ReadLines" >> beam.FlatMap(read_lines))
         runner = (o.view_as(StandardOptions).runner or "").lower()
-        source = {"input_subscription": o.input_subscription, "input_topic": o.input_topic}
         if o.pubsub_read == "xlang" or (o.pubsub_read == "auto" and _is_portable(runner)):
             from apache_beam.io.external.gcp.pubsub import ReadFromPubSub as XlangRead
 
@@ -71,7 +70,7 @@ class ReadTweets(beam.PTransform):
                              id_label="tweet_id", expansion_service=self._expansion_service())
         else:
             read = beam.io.ReadFromPubSub(
-                topic=source["input_topic"], subscription=source["input_subscription"],
+                topic=o.input_topic, subscription=o.input_subscription,
                 with_attributes=True, timestamp_attribute="event_ts",
                 # The DirectRunner refuses id_label; DedupeByTweetId covers it there.
                 id_label="tweet_id" if "dataflow" in runner else None)

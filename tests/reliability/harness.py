@@ -26,6 +26,7 @@ from pathlib import Path
 
 import redis
 
+from pipeline.local_servers import stop_process_group
 from transforms.records import iso_from_seconds
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -172,16 +173,7 @@ class JobProcess:
 
     def kill(self, sig: int = signal.SIGKILL, timeout: float = 60) -> int:
         """Sends ``sig`` to the job's process group and waits for it."""
-        if self.alive():
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        stop_process_group(self.proc, sig, timeout)
         self._log.close()
         return self.proc.returncode
 
