@@ -34,6 +34,9 @@ class BertstreamOptions(PipelineOptions):
                          help="how to read Pub/Sub: Beam's native Python source, or the Java "
                               "cross-language one (portable runners such as Flink); auto "
                               "picks by runner")
+        src.add_argument("--direct_pubsub_max_messages", type=int, default=1000,
+                         help="DirectRunner only: Pub/Sub messages per bundle (Beam's own "
+                              "reader takes 10; see pipeline/direct_pubsub.py)")
 
         win = parser.add_argument_group("windows and batches")
         win.add_argument("--window_seconds", type=float, default=2.0,
@@ -120,6 +123,8 @@ class BertstreamOptions(PipelineOptions):
         for flag in ("window_seconds", "max_batch_wait_seconds"):
             if getattr(self, flag) <= 0:
                 raise ValueError(f"--{flag} must be positive")
+        if self.direct_pubsub_max_messages < 1:
+            raise ValueError("--direct_pubsub_max_messages must be at least 1")
         if self.max_batch_size < 1:
             raise ValueError("--max_batch_size must be at least 1")
         if self.allowed_lateness_seconds < 0:

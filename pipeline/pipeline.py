@@ -15,6 +15,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import GoogleCloudOptions, StandardOptions
 from apache_beam.transforms import window
 
+from pipeline import direct_pubsub
 from pipeline.options import SAMPLE_TWEETS, BertstreamOptions
 from transforms.dedupe import REPLAY_PREFIX, DedupeByTweetId
 from transforms.inference import RunSentiment, local_handler
@@ -69,6 +70,8 @@ class ReadTweets(beam.PTransform):
                              with_attributes=True, timestamp_attribute="event_ts",
                              id_label="tweet_id", expansion_service=self._expansion_service())
         else:
+            if "direct" in runner or not runner:
+                direct_pubsub.install()  # larger bundles than Beam's 10 messages
             read = beam.io.ReadFromPubSub(
                 topic=o.input_topic, subscription=o.input_subscription,
                 with_attributes=True, timestamp_attribute="event_ts",

@@ -1,0 +1,90 @@
+"""The DirectRunner's larger Pub/Sub pulls, on the real emulator."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import apache_beam as beam
+import pytest
+import redis
+
+from pipeline import direct_pubsub
+from pipeline.pipeline import build, make_options
+from transforms.inference import BatchStats
+
+pytestmark = [pytest.mark.integration]
+
+
+def _publish(topic: str, n: int, text: str = "same length tweet for every one of them") -> None:
+    from google.cloud import pubsub_v1
+
+    publisher = pubsub_v1.PublisherClient()
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() - 120)) + ".000Z"
+    futures = [publisher.publish(topic, json.dumps({"id": str(10**18 + i), "text": text,
+                                                    "created_at": stamp}).encode(),
+                                 tweet_id=str(10**18 + i), event_ts=stamp)
+               for i in range(n)]
+    for future in futures:
+        future.result(timeout=30)
+
+
+def test_one_pull_drains_past_the_emulators_100_message_cap(pubsub_names):
+    from google.cloud import pubsub_v1
+
+    _publish(pubsub_names["topic"], 250)
+    client = pubsub_v1.SubscriberClient()
+    # The emulator answers at most 100 messages a pull: 250 takes several.
+    puller = direct_pubsub._DrainingPuller(client, 1000)
+    response = puller.pull(subscription=pubsub_names["subscription"], max_messages=10,
+                           timeout=30)
+    assert len(response.received_messages) == 250
+    client.acknowledge(subscription=pubsub_names["subscription"],
+                       ack_ids=[m.ack_id for m in response.received_messages])
+
+
+def test_pull_stops_at_the_limit(pubsub_names):
+    from google.cloud import pubsub_v1
+
+    _publish(pubsub_names["topic"], 150)
+    client = pubsub_v1.SubscriberClient()
+    response = direct_pubsub._DrainingPuller(client, 120).pull(
+        subscription=pubsub_names["subscription"], max_messages=10, timeout=30)
+    assert len(response.received_messages) == 120
+
+
+def _run_streaming(subscription: str, redis_url: str, model_dir, n: int, extra: list[str]):
+    client = redis.Redis.from_url(redis_url)
+    BatchStats.reset()
+    options = make_options(["--runner=DirectRunner", "--input_subscription", subscription,
+                            "--redis_url", redis_url, "--model_dir", str(model_dir),
+                            "--max_batch_size", "64", "--max_batch_wait_seconds", "5",
+                            *extra])
+    pipeline = beam.Pipeline(options=options)
+    build(pipeline, options)
+    result = pipeline.run()
+    try:
+        deadline = time.monotonic() + 180
+        while client.xlen("sentiment:results") < n and time.monotonic() < deadline:
+            time.sleep(0.3)
+    finally:
+        result.cancel()
+    return client.xlen("sentiment:results"), BatchStats.largest
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_backlog_reaches_the_model_in_full_batches(pubsub_names, redis_url, tiny_model_dir):
+    # 200 tweets of one length in one (already closed) window: with Beam's
+    # 10-message bundles each bundle's window timer would cut the batches at
+    # about 10; one drained bundle fills them to --max_batch_size.
+    _publish(pubsub_names["topic"], 200)
+    results, largest = _run_streaming(pubsub_names["subscription"], redis_url,
+                                      tiny_model_dir, 200, [])
+    assert results == 200
+    assert largest == 64
+
+
+def test_the_flag_is_validated():
+    with pytest.raises(ValueError, match="--direct_pubsub_max_messages"):
+        make_options(["--direct_pubsub_max_messages", "0"])
