@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.options import SAMPLE_TWEETS
-from transforms.inference import DEFAULT_BUCKETS, estimate_tokens
+from transforms.inference import DEFAULT_BUCKETS, TokenCounter
 
 
 def sample_texts() -> list[str]:
@@ -49,14 +49,15 @@ def write_jsonl(tweets: list[dict], path: Path) -> Path:
 
 
 def pipeline_batches(tweets: list[dict], window_seconds: float, max_batch_size: int,
-                     buckets=DEFAULT_BUCKETS) -> list[list[str]]:
+                     buckets=DEFAULT_BUCKETS, count=None) -> list[list[str]]:
     """The batches the pipeline's batching forms on a bounded input: per event-time
-    window and length bucket, in arrival order, cut at ``max_batch_size``."""
+    window and length bucket (by ``count``, the pipeline's ``TokenCounter``), in
+    arrival order, cut at ``max_batch_size``."""
+    count = count or TokenCounter()
     groups: dict[tuple, list[str]] = {}
     for t in tweets:
         stamp = dt.datetime.fromisoformat(t["created_at"].replace("Z", "+00:00")).timestamp()
-        key = (int(stamp // window_seconds), bisect.bisect_right(buckets,
-                                                                 estimate_tokens(t["text"])))
+        key = (int(stamp // window_seconds), bisect.bisect_right(buckets, count(t["text"])))
         groups.setdefault(key, []).append(t["text"])
     return [texts[i:i + max_batch_size] for _, texts in sorted(groups.items())
             for i in range(0, len(texts), max_batch_size)]

@@ -173,9 +173,14 @@ def main(argv=None) -> int:
     max_length = int(read_card(version_dir).get("max_sequence_length", 128))
     tweets = common.make_tweets(args.n, args.per_second)
     texts = [t["text"] for t in tweets]
-    batches = common.pipeline_batches(tweets, args.window_seconds, args.max_batch_size)
+    from transforms.inference import TokenCounter
+
+    counter = TokenCounter.for_model(str(version_dir))
+    batches = common.pipeline_batches(tweets, args.window_seconds, args.max_batch_size,
+                                      count=counter)
     model = LoadedModel(version_dir)
     out: dict = {"model_version": model.version, "n": args.n,
+                 "length_fn": "wordpiece" if counter.vocab_path else "estimate",
                  "batches": len(batches), "mean_batch": args.n / len(batches)}
 
     _LOG.info("model only, %d batches", len(batches))

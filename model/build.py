@@ -310,6 +310,7 @@ def build(cfg: BuildConfig) -> Path:
     existing = version_dirs(cfg.out)
     if existing and read_card(existing[-1]).get("build_key") == key:
         _LOG.info("%s is up to date (build key %s)", existing[-1], key)
+        install_vocab(existing[-1], cfg.cache_dir)
         return existing[-1]
     cached = cfg.cache_dir / "builds" / key / "model"
     if not (cached / "saved_model.pb").exists():
@@ -328,5 +329,18 @@ def build(cfg: BuildConfig) -> Path:
     target = cfg.out / str(version)
     cfg.out.mkdir(parents=True, exist_ok=True)
     shutil.copytree(cached, target)
+    install_vocab(target, cfg.cache_dir)
     _LOG.info("installed %s", target)
+    return target
+
+
+def install_vocab(version_dir: Path, cache_dir: Path) -> Path:
+    """Copies the encoder's WordPiece vocabulary to ``assets.extra/vocab.txt``
+    (TF Serving's place for files the graph does not use): the pipeline's
+    batching counts tokens with it (``transforms.inference.TokenCounter``).
+    Both the real and the tiny model use this vocabulary."""
+    target = version_dir / "assets.extra" / "vocab.txt"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(data.fetch(data.ENCODER, cache_dir) / "vocab.txt", target)
     return target

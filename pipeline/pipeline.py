@@ -18,7 +18,7 @@ from apache_beam.transforms import window
 from pipeline import direct_pubsub
 from pipeline.options import SAMPLE_TWEETS, BertstreamOptions
 from transforms.dedupe import REPLAY_PREFIX, DedupeByTweetId
-from transforms.inference import RunSentiment, local_handler
+from transforms.inference import RunSentiment, TokenCounter, local_handler
 from transforms.parse import ParseTweets
 from transforms.redis_sink import WriteDeadLetters, WriteToRedis
 from transforms.windowing import WindowByEventTime
@@ -126,7 +126,8 @@ def build(p: beam.Pipeline, o: BertstreamOptions, handler=None) -> Outputs:
               | "WindowByEventTime" >> WindowByEventTime(o.window_seconds,
                                                          o.allowed_lateness_seconds))
     results, inference_dead = tweets | "RunSentiment" >> RunSentiment(
-        handler or model_handler(o), o.max_batch_size, o.max_batch_wait_seconds, o.buckets())
+        handler or model_handler(o), o.max_batch_size, o.max_batch_wait_seconds, o.buckets(),
+        TokenCounter.for_model(o.model_dir))
     sink_dead = results | "WriteToRedis" >> WriteToRedis(o.redis_config())
     # Dead letters come from differently windowed stages; the sink ignores windows.
     dead = ([pc | f"{name}Global" >> beam.WindowInto(window.GlobalWindows())

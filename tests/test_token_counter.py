@@ -1,0 +1,58 @@
+"""The batching's token counter against the model's own in-graph tokenizer."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+
+from model.serving import resolve
+from transforms.inference import VOCAB_FILE, TokenCounter, estimate_tokens
+
+
+def _sample_texts() -> list[str]:
+    from benchmarks.common import sample_texts
+
+    return sorted(set(sample_texts()))
+
+
+def test_counts_match_the_models_tokenizer(tiny_model_dir):
+    import keras_hub
+    import tensorflow as tf
+
+    from model.export import normalize_text
+
+    version_dir = resolve(tiny_model_dir)
+    counter = TokenCounter.for_model(str(tiny_model_dir))
+    assert counter.vocab_path and counter.vocab_path.endswith(VOCAB_FILE)
+    texts = _sample_texts()
+    keras_tok = keras_hub.models.BertTokenizer(
+        vocabulary=str(version_dir / VOCAB_FILE), lowercase=True)
+    lengths = tf.function(lambda t: keras_tok(normalize_text(t)).row_lengths())
+    real = np.minimum(lengths(tf.constant(texts)).numpy() + 2, counter.max_length)
+    ours = np.array([counter(t.encode()) for t in texts])
+    assert (ours == real).mean() >= 0.97
+    assert np.abs(ours - real).max() <= 4
+    # and it is far closer than the estimate it replaces
+    estimated = np.array([estimate_tokens(t) for t in texts])
+    assert np.abs(ours - real).mean() < np.abs(estimated - real).mean() / 3
+
+
+def test_caps_at_the_models_max_length(tiny_model_dir):
+    counter = TokenCounter.for_model(str(tiny_model_dir))
+    assert counter.max_length == 64  # the tiny model's cap, read from its card
+    assert counter("word " * 500) == counter.max_length
+
+
+def test_pickles_without_the_tokenizer(tiny_model_dir):
+    counter = TokenCounter.for_model(str(tiny_model_dir))
+    before = counter("hello there")
+    clone = pickle.loads(pickle.dumps(counter))
+    assert clone._tokenizer is None and clone("hello there") == before
+
+
+def test_without_a_vocabulary_it_estimates(tmp_path):
+    counter = TokenCounter.for_model(str(tmp_path))
+    assert counter.vocab_path is None
+    assert counter("Loving the new coffee place") == estimate_tokens("Loving the new coffee place")
