@@ -18,16 +18,22 @@ messages, its event-time attribute handling and its acknowledgement stay as
 they are; only the client it pulls through is wrapped. 10 restores Beam's
 behaviour.
 
-The price: the DirectRunner acknowledges what it pulled before the bundle is
-processed (with or without this), so a process killed mid-bundle loses up to
-one pull's worth of messages; ``docs/reliability.md`` measures it. Dataflow
-and Flink do not use this evaluator and are not affected.
+Beam's evaluator also acknowledges what it pulled before the bundle is
+processed, so a killed job loses what it had pulled; with 1000-message
+bundles that would be a lot. The same wrapper therefore turns its
+``acknowledge`` into a hold (``--direct_pubsub_ack on_write``, the default):
+``transforms/acks.py`` leases the messages and acknowledges each one when its
+result or dead letter is in Redis, or its duplicate was skipped.
+``--direct_pubsub_ack on_pull`` is Beam's behaviour. Dataflow and Flink do
+not use this evaluator and are not affected.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+
+from transforms import acks
 
 _LOG = logging.getLogger(__name__)
 DEFAULT_MAX_MESSAGES = 1000
@@ -39,10 +45,12 @@ _installed = False
 class _DrainingPuller:
     """A SubscriberClient whose ``pull`` gathers up to ``max_messages``."""
 
-    def __init__(self, client, max_messages: int, budget_seconds: float = DRAIN_BUDGET_SECONDS):
+    def __init__(self, client, max_messages: int, budget_seconds: float = DRAIN_BUDGET_SECONDS,
+                 hold: bool = True):
         self._client = client
         self._max = max_messages
         self._budget = budget_seconds
+        self._hold = hold
 
     def pull(self, subscription, max_messages=None, timeout=None, **kwargs):
         response = self._client.pull(subscription=subscription, max_messages=self._max,
@@ -57,19 +65,29 @@ class _DrainingPuller:
             if not more.received_messages:
                 break
             received.extend(more.received_messages)
+        if self._hold:
+            acks.TRACKER.hold(self._client, subscription, received)
         return response
+
+    def acknowledge(self, subscription, ack_ids, **kwargs):
+        """Beam acknowledges right after the pull; held messages are
+        acknowledged by ``transforms.acks`` once they reach Redis."""
+        if not self._hold:
+            self._client.acknowledge(subscription=subscription, ack_ids=ack_ids, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self._client, name)
 
 
-def _configured_max(evaluation_context) -> int:
+def _configured(evaluation_context) -> tuple[int, bool]:
+    """(messages per bundle, whether to hold acknowledgements)."""
     from pipeline.options import BertstreamOptions
 
     options = getattr(evaluation_context, "pipeline_options", None)
     if options is None:
-        return DEFAULT_MAX_MESSAGES
-    return options.view_as(BertstreamOptions).direct_pubsub_max_messages
+        return DEFAULT_MAX_MESSAGES, True
+    o = options.view_as(BertstreamOptions)
+    return o.direct_pubsub_max_messages, o.direct_pubsub_ack == "on_write"
 
 
 def install() -> bool:
@@ -91,15 +109,13 @@ def install() -> bool:
     class _LargerPullEvaluator(base):
         def __init__(self, evaluation_context, *args, **kwargs):
             super().__init__(evaluation_context, *args, **kwargs)
-            self._max_messages = _configured_max(evaluation_context)
+            self._max_messages, self._hold = _configured(evaluation_context)
 
         # An instance method shadowing Beam's classmethod: its only caller,
         # _read_from_pubsub, calls it through self.
         def _get_subscriber_client(self, transform):
-            client = base._get_subscriber_client(transform)
-            if self._max_messages <= BEAM_MAX_MESSAGES:
-                return client
-            return _DrainingPuller(client, self._max_messages)
+            return _DrainingPuller(base._get_subscriber_client(transform), self._max_messages,
+                                   hold=self._hold)
 
     # TransformEvaluatorRegistry looks the evaluator up by this module-level
     # name each time a DirectRunner starts.

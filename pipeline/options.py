@@ -37,6 +37,11 @@ class BertstreamOptions(PipelineOptions):
         src.add_argument("--direct_pubsub_max_messages", type=int, default=1000,
                          help="DirectRunner only: Pub/Sub messages per bundle (Beam's own "
                               "reader takes 10; see pipeline/direct_pubsub.py)")
+        src.add_argument("--direct_pubsub_ack", choices=("on_write", "on_pull"),
+                         default="on_write",
+                         help="DirectRunner only: acknowledge a message once its result or "
+                              "dead letter is in Redis (nothing lost if the job dies), or "
+                              "when pulled (Beam's own behaviour)")
 
         win = parser.add_argument_group("windows and batches")
         win.add_argument("--window_seconds", type=float, default=2.0,

@@ -35,7 +35,7 @@ def test_one_pull_drains_past_the_emulators_100_message_cap(pubsub_names):
     _publish(pubsub_names["topic"], 250)
     client = pubsub_v1.SubscriberClient()
     # The emulator answers at most 100 messages a pull: 250 takes several.
-    puller = direct_pubsub._DrainingPuller(client, 1000)
+    puller = direct_pubsub._DrainingPuller(client, 1000, hold=False)
     response = puller.pull(subscription=pubsub_names["subscription"], max_messages=10,
                            timeout=30)
     assert len(response.received_messages) == 250
@@ -48,9 +48,53 @@ def test_pull_stops_at_the_limit(pubsub_names):
 
     _publish(pubsub_names["topic"], 150)
     client = pubsub_v1.SubscriberClient()
-    response = direct_pubsub._DrainingPuller(client, 120).pull(
+    response = direct_pubsub._DrainingPuller(client, 120, hold=False).pull(
         subscription=pubsub_names["subscription"], max_messages=10, timeout=30)
     assert len(response.received_messages) == 120
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_held_messages_stay_leased_until_done_and_come_back_if_never_done(
+        pubsub_names, monkeypatch):
+    from google.cloud import pubsub_v1
+
+    from transforms import acks
+
+    tracker = acks.AckTracker()
+    monkeypatch.setattr(acks, "TRACKER", tracker)
+    monkeypatch.setattr(acks, "LEASE_EVERY_SECONDS", 1.0)
+    monkeypatch.setattr(acks, "LEASE_SECONDS", 10)
+    client = pubsub_v1.SubscriberClient()
+    subscription = client.subscription_path(pubsub_names["project"], "lease-" + pubsub_names[
+        "subscription"].rsplit("-", 1)[-1])
+    client.create_subscription(name=subscription, topic=pubsub_names["topic"],
+                               ack_deadline_seconds=10)
+    _publish(pubsub_names["topic"], 5)
+    puller = direct_pubsub._DrainingPuller(client, 1000)
+    pulled = puller.pull(subscription=subscription, max_messages=10, timeout=30)
+    puller.acknowledge(subscription=subscription, ack_ids=[m.ack_id for m in pulled.received_messages])
+    ids = [m.message.message_id for m in pulled.received_messages]
+    assert len(ids) == 5 and tracker.held() == 5
+
+    def pull_now():
+        return client.pull(subscription=subscription, max_messages=100,
+                           return_immediately=True, timeout=10).received_messages
+
+    time.sleep(14)  # past the subscription's 10 s deadline: the lease holds them
+    assert pull_now() == []
+    tracker.done([f"pubsub:{i}" for i in ids[:3]] + ["file:x:1"])
+    assert tracker.held() == 2 and tracker.acked == 3
+    # The job dies: nobody extends the lease any more. Only the two that
+    # never reached an end come back.
+    monkeypatch.setattr(acks, "LEASE_EVERY_SECONDS", 3600.0)
+    tracker._held.clear()
+    deadline = time.monotonic() + 60
+    back: set[str] = set()
+    while time.monotonic() < deadline and len(back) < 2:
+        back |= {m.message.message_id for m in pull_now()}
+        time.sleep(1)
+    assert back == set(ids[3:])
 
 
 def _run_streaming(subscription: str, redis_url: str, model_dir, n: int, extra: list[str]):
@@ -88,3 +132,11 @@ def test_a_backlog_reaches_the_model_in_full_batches(pubsub_names, redis_url, ti
 def test_the_flag_is_validated():
     with pytest.raises(ValueError, match="--direct_pubsub_max_messages"):
         make_options(["--direct_pubsub_max_messages", "0"])
+
+
+def test_results_publish_no_source_id():
+    from transforms.records import Result
+
+    result = Result("1", "t", "positive", 0.9, [0.05, 0.05, 0.9], "3", "e", "s", "w", "p",
+                    False, source_id="pubsub:42")
+    assert "source_id" not in json.loads(result.to_json())

@@ -40,6 +40,7 @@ from apache_beam.transforms.userstate import (
 )
 from apache_beam.utils.timestamp import Timestamp
 
+from transforms import acks
 from transforms.records import Tweet
 
 DEFAULT_TTL_SECONDS = 600
@@ -71,6 +72,7 @@ class _DedupeFn(beam.DoFn):
         _, tweet = element
         if seen.read():
             self._duplicates.inc()
+            acks.done([tweet.source_id])  # a counted duplicate is an end (transforms/acks.py)
             return
         seen.write(True)
         expiry.set(Timestamp.of(time.time() + self._ttl))
@@ -100,6 +102,7 @@ class _ShardedDedupeFn(beam.DoFn):
         key = dedupe_key(tweet)
         if key in current.read() or key in previous.read():
             self._duplicates.inc()
+            acks.done([tweet.source_id])
             return
         current.add(key)
         if not armed.read():

@@ -349,7 +349,7 @@ class _ToResultFn(beam.DoFn):
             event_time=iso_from_seconds(float(timestamp)),
             window_start=iso_from_seconds(float(start)) if start is not None else "",
             window_end=iso_from_seconds(float(end)) if end is not None else "",
-            processed_at=now_iso(), late=tweet.late)
+            processed_at=now_iso(), late=tweet.late, source_id=tweet.source_id)
 
 
 def _failed_batch_to_dead_letters(failure):

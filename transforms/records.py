@@ -45,10 +45,14 @@ class Result(NamedTuple):
     window_end: str
     processed_at: str
     late: bool
+    # Where the tweet came from (``pubsub:<message id>``...): for
+    # acknowledgement only, not part of the published result.
+    source_id: str = ""
 
     def to_json(self) -> str:
         """The result contract of DESIGN.md (one JSON object per tweet)."""
         body = self._asdict()
+        del body["source_id"]
         body["probabilities"] = {k: float(v) for k, v in zip(LABELS, self.probabilities)}
         return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
 

@@ -23,6 +23,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
+from transforms import acks
 from transforms.records import DeadLetter, Result
 
 _LOG = logging.getLogger(__name__)
@@ -176,6 +177,8 @@ class _BufferedRedisFn(beam.DoFn):
                     for out in self.on_failure(element, f"redis unavailable after "
                                                         f"{self._config.retries} retries: {err}")]
         self._latency.update(int((time.monotonic() - started) * 1000))
+        # Written (or already there): its Pub/Sub message may now be acknowledged.
+        acks.done(self.source_of(element) for element, _, _ in buffered)
         return [WindowedValue(out, ts, [w]) for (element, ts, w), reply in zip(buffered, replies)
                 for out in self.on_reply(element, reply)]
 
@@ -190,6 +193,9 @@ class _BufferedRedisFn(beam.DoFn):
 
     def on_failure(self, element, reason: str):
         return []
+
+    def source_of(self, element) -> str:
+        return element.source_id
 
 
 class _WriteResultsFn(_BufferedRedisFn):
