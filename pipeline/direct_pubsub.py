@@ -42,6 +42,18 @@ DRAIN_BUDGET_SECONDS = 0.5
 _installed = False
 
 
+class PullStats:
+    """This process's pulls, for benchmarks: when the first message arrived
+    (``time.time()``) and how many were pulled."""
+
+    first_message_at: float | None = None
+    messages = 0
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.first_message_at, cls.messages = None, 0
+
+
 class _DrainingPuller:
     """A SubscriberClient whose ``pull`` gathers up to ``max_messages``."""
 
@@ -65,6 +77,9 @@ class _DrainingPuller:
             if not more.received_messages:
                 break
             received.extend(more.received_messages)
+        if received:
+            PullStats.first_message_at = PullStats.first_message_at or time.time()
+            PullStats.messages += len(received)
         if self._hold:
             acks.TRACKER.hold(self._client, subscription, received)
         return response

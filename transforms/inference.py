@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -104,7 +105,7 @@ class TokenCounter:
 
     def __getstate__(self):
         return {"vocab_path": self.vocab_path, "max_length": self.max_length,
-                "_tokenizer": None}
+                "_tokenizer": None, "_cache": {}}
 
     def _load(self):
         from apache_beam.io.filesystems import FileSystems
@@ -119,6 +120,17 @@ class TokenCounter:
         return self._tokenizer
 
     def __call__(self, text: bytes | str) -> int:
+        # Each text is counted twice (bucket key, then the batch's padding
+        # metrics): remember the last few thousand.
+        cache = self.__dict__.setdefault("_cache", {})
+        count = cache.get(text)
+        if count is None:
+            if len(cache) > 8192:
+                cache.clear()
+            count = cache[text] = self._count(text)
+        return count
+
+    def _count(self, text: bytes | str) -> int:
         if self.vocab_path is None:
             return min(estimate_tokens(text), self.max_length)
         if isinstance(text, bytes):
@@ -291,6 +303,10 @@ class _TF2Session:
         return {alias: out[alias].numpy() for alias in fetches}
 
 
+_LOADED: dict[tuple[str, str], Any] = {}
+_LOADED_LOCK = threading.Lock()
+
+
 class _LocalScoresHandler(ModelHandler):
     """tfx-bsl's in-process handler, with its PredictionLogs read into ``Scores``."""
 
@@ -303,11 +319,22 @@ class _LocalScoresHandler(ModelHandler):
             model_path=version_dir, signature_name=[signature]))
         self._tfx = tfx_run_inference.create_model_handler(
             spec, lambda path, tags: _TF2Session(path, signature), None)
+        self._version_dir, self._signature = version_dir, signature
         base = version_dir.rstrip("/").rsplit("/", 1)[-1]
         self._version = base if base.isdigit() else "0"
 
     def load_model(self):
-        return self._tfx.load_model()
+        # Beam's Shared handle keeps only the most recently acquired object of
+        # the process alive, and the DirectRunner drops its DoFn after every
+        # bundle: with BatchElements' own Shared key in the same job, the model
+        # was garbage-collected between bundles and loaded again (2 s each;
+        # 30% of a streaming run's CPU). One strong reference per model and
+        # signature per process keeps it.
+        key = (self._version_dir, self._signature)
+        with _LOADED_LOCK:
+            if key not in _LOADED:
+                _LOADED[key] = self._tfx.load_model()
+            return _LOADED[key]
 
     def run_inference(self, batch, model, inference_args=None):
         logs = self._tfx.run_inference(list(batch), model, inference_args)
