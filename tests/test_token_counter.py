@@ -56,3 +56,13 @@ def test_without_a_vocabulary_it_estimates(tmp_path):
     counter = TokenCounter.for_model(str(tmp_path))
     assert counter.vocab_path is None
     assert counter("Loving the new coffee place") == estimate_tokens("Loving the new coffee place")
+
+
+def test_the_local_model_is_loaded_once_per_process(tiny_model_dir):
+    # The DirectRunner builds a fresh handler and DoFn per bundle; the model
+    # must survive that instead of being loaded again (2 s for the real one).
+    from transforms.inference import local_handler
+
+    first = local_handler(str(tiny_model_dir)).load_model()
+    again = local_handler(str(tiny_model_dir)).load_model()
+    assert first is again
