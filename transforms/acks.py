@@ -32,7 +32,7 @@ from collections.abc import Iterable
 _LOG = logging.getLogger(__name__)
 SOURCE_PREFIX = "pubsub:"
 LEASE_EVERY_SECONDS = 3.0       # below the shortest ack deadline Pub/Sub allows (10 s)
-LEASE_SECONDS = 30              # each extension sets the deadline this far ahead
+LEASE_SECONDS = 15              # each extension sets the deadline this far ahead
 MAX_LEASE_SECONDS = 600.0       # then let Pub/Sub redeliver it
 _CHUNK = 1000                   # ack ids per acknowledge / modify_ack_deadline call
 
