@@ -38,7 +38,7 @@ def _iso(seconds: float) -> str:
 
 
 def measure(rate: float, seconds: float, model_dir: str, window: float,
-            warmup_seconds: float = 10.0) -> dict:
+            warmup_seconds: float = 10.0, job_flags: tuple[str, ...] = ()) -> dict:
     import apache_beam as beam
     import numpy as np
     import redis
@@ -74,7 +74,7 @@ def measure(rate: float, seconds: float, model_dir: str, window: float,
         listener.start()
         options = make_options(["--runner=DirectRunner", "--input_subscription", subscription,
                                 "--redis_url", server.url, "--model_dir", model_dir,
-                                "--window_seconds", str(window)])
+                                "--window_seconds", str(window), *job_flags])
         pipeline = beam.Pipeline(options=options)
         build(pipeline, options)
         result = pipeline.run()
@@ -135,6 +135,8 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=60)
     p.add_argument("--window_seconds", type=float, default=2.0)
     p.add_argument("--model_dir", default=str(ROOT / "models" / "bert_sentiment"))
+    p.add_argument("--job_flag", action="append", default=[],
+                   help="extra flag for the job, e.g. --job_flag=--max_batch_wait_seconds=1")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s: %(message)s")
@@ -154,7 +156,9 @@ def main(argv=None) -> int:
         capacity = run["tps_warm"]
     rate = rate or capacity / 2
     _LOG.info("offering %.1f tweets/s for %.0fs", rate, args.seconds)
-    out = measure(rate, args.seconds, args.model_dir, args.window_seconds)
+    out = measure(rate, args.seconds, args.model_dir, args.window_seconds,
+                  job_flags=tuple(args.job_flag))
+    out["job_flags"] = args.job_flag
     out["capacity_tps"] = capacity
     out["p99_within_target"] = out["p99_ms"] is not None and \
         out["p99_ms"] <= out["target_p99_ms"]
