@@ -5,7 +5,6 @@ from __future__ import annotations
 import pickle
 
 import numpy as np
-import pytest
 
 from model.serving import resolve
 from transforms.inference import VOCAB_FILE, TokenCounter, estimate_tokens

@@ -58,7 +58,20 @@ def dedupe_key(tweet: Tweet) -> str:
     return tweet.tweet_id
 
 
-class _DedupeFn(beam.DoFn):
+class _AckSkippedMixin:
+    """A counted duplicate is one of an input's ends (transforms/acks.py):
+    its Pub/Sub message is acknowledged at the end of the bundle."""
+
+    def start_bundle(self):
+        self._skipped: list[str] = []
+
+    def finish_bundle(self):
+        if self._skipped:
+            acks.done(self._skipped)
+            self._skipped = []
+
+
+class _DedupeFn(_AckSkippedMixin, beam.DoFn):
     SEEN = ReadModifyWriteStateSpec("seen", BooleanCoder())
     EXPIRY = TimerSpec("expiry", TimeDomain.REAL_TIME)
 
@@ -66,13 +79,14 @@ class _DedupeFn(beam.DoFn):
         self._ttl = ttl_seconds
         self._unique = Metrics.counter("DedupeByTweetId", "unique")
         self._duplicates = Metrics.counter("DedupeByTweetId", "duplicates_skipped")
+        self._skipped: list[str] = []
 
     def process(self, element, seen=beam.DoFn.StateParam(SEEN),
                 expiry=beam.DoFn.TimerParam(EXPIRY)):
         _, tweet = element
         if seen.read():
             self._duplicates.inc()
-            acks.done([tweet.source_id])  # a counted duplicate is an end (transforms/acks.py)
+            self._skipped.append(tweet.source_id)  # an end: acknowledged per bundle
             return
         seen.write(True)
         expiry.set(Timestamp.of(time.time() + self._ttl))
@@ -84,7 +98,7 @@ class _DedupeFn(beam.DoFn):
         seen.clear()
 
 
-class _ShardedDedupeFn(beam.DoFn):
+class _ShardedDedupeFn(_AckSkippedMixin, beam.DoFn):
     CURRENT = SetStateSpec("current", StrUtf8Coder())
     PREVIOUS = SetStateSpec("previous", StrUtf8Coder())
     ARMED = ReadModifyWriteStateSpec("armed", BooleanCoder())
@@ -94,6 +108,7 @@ class _ShardedDedupeFn(beam.DoFn):
         self._half = ttl_seconds / 2
         self._unique = Metrics.counter("DedupeByTweetId", "unique")
         self._duplicates = Metrics.counter("DedupeByTweetId", "duplicates_skipped")
+        self._skipped: list[str] = []
 
     def process(self, element, current=beam.DoFn.StateParam(CURRENT),
                 previous=beam.DoFn.StateParam(PREVIOUS), armed=beam.DoFn.StateParam(ARMED),
@@ -102,7 +117,7 @@ class _ShardedDedupeFn(beam.DoFn):
         key = dedupe_key(tweet)
         if key in current.read() or key in previous.read():
             self._duplicates.inc()
-            acks.done([tweet.source_id])
+            self._skipped.append(tweet.source_id)
             return
         current.add(key)
         if not armed.read():
