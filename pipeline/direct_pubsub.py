@@ -38,7 +38,6 @@ from transforms import acks
 
 _LOG = logging.getLogger(__name__)
 DEFAULT_MAX_MESSAGES = 1000
-BEAM_MAX_MESSAGES = 10
 DRAIN_BUDGET_SECONDS = 0.5
 # A pull that returns this many messages means more are waiting (the emulator
 # answers at most 100 a pull; Pub/Sub itself up to the 1000 asked for).
