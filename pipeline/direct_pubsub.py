@@ -46,15 +46,13 @@ _installed = False
 
 
 class PullStats:
-    """This process's pulls, for benchmarks: when the first message arrived
-    (``time.time()``) and how many were pulled."""
+    """For benchmarks: when this process's first message arrived (``time.time()``)."""
 
     first_message_at: float | None = None
-    messages = 0
 
     @classmethod
     def reset(cls) -> None:
-        cls.first_message_at, cls.messages = None, 0
+        cls.first_message_at = None
 
 
 class _DrainingPuller:
@@ -84,9 +82,8 @@ class _DrainingPuller:
                                      return_immediately=True, timeout=timeout)
             last = len(more.received_messages)
             received.extend(more.received_messages)
-        if received:
-            PullStats.first_message_at = PullStats.first_message_at or time.time()
-            PullStats.messages += len(received)
+        if received and PullStats.first_message_at is None:
+            PullStats.first_message_at = time.time()
         if self._hold:
             acks.TRACKER.hold(self._client, subscription, received)
         return response

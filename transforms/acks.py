@@ -24,6 +24,7 @@ held (only the DirectRunner's reader calls ``hold``), and ``done`` is a no-op.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -55,7 +56,6 @@ class AckTracker:
         self._client = None
         self._thread: threading.Thread | None = None
         self.acked = 0
-        self.released = 0
 
     def hold(self, client, subscription: str, received_messages) -> None:
         """Keeps ``received_messages`` (from a pull on ``subscription``)
@@ -86,14 +86,8 @@ class AckTracker:
                 if held is not None:
                     by_subscription.setdefault(held.subscription, []).append(held.ack_id)
             client = self._client
-        for subscription, ack_ids in by_subscription.items():
-            for i in range(0, len(ack_ids), _CHUNK):
-                try:
-                    client.acknowledge(subscription=subscription, ack_ids=ack_ids[i:i + _CHUNK])
-                    self.acked += len(ack_ids[i:i + _CHUNK])
-                except Exception as err:  # noqa: BLE001 - redelivery covers a failed ack
-                    _LOG.warning("acknowledging %d messages failed (%s); Pub/Sub will "
-                                 "redeliver them and the sink will skip them", len(ack_ids), err)
+        # A failed ack is covered by redelivery (the sink skips what it has).
+        self.acked += _in_chunks(by_subscription, "acknowledging", client.acknowledge)
 
     def held(self) -> int:
         return len(self._held)
@@ -104,22 +98,34 @@ class AckTracker:
             now = time.monotonic()
             by_subscription: dict[str, list[str]] = {}
             with self._lock:
-                for message_id in [m for m, h in self._held.items()
-                                   if now - h.since > MAX_LEASE_SECONDS]:
+                expired = [m for m, h in self._held.items() if now - h.since > MAX_LEASE_SECONDS]
+                for message_id in expired:
                     del self._held[message_id]
-                    self.released += 1
                 for held in self._held.values():
                     by_subscription.setdefault(held.subscription, []).append(held.ack_id)
                 client = self._client
-            for subscription, ack_ids in by_subscription.items():
-                for i in range(0, len(ack_ids), _CHUNK):
-                    try:
-                        client.modify_ack_deadline(subscription=subscription,
-                                                   ack_ids=ack_ids[i:i + _CHUNK],
-                                                   ack_deadline_seconds=LEASE_SECONDS)
-                    except Exception as err:  # noqa: BLE001 - the next round retries
-                        _LOG.warning("extending the lease of %d messages failed: %s",
-                                     len(ack_ids), err)
+            if expired:
+                _LOG.warning("%d messages reached no end in %.0f s; Pub/Sub will redeliver them",
+                             len(expired), MAX_LEASE_SECONDS)
+            # A failed extension is retried on the next round.
+            _in_chunks(by_subscription, "extending the lease of",
+                       functools.partial(client.modify_ack_deadline,
+                                         ack_deadline_seconds=LEASE_SECONDS))
+
+
+def _in_chunks(by_subscription: dict[str, list[str]], what: str, call) -> int:
+    """``call(subscription=..., ack_ids=...)`` per subscription, ``_CHUNK``
+    ids at a time; logs failures. Returns how many ids were sent."""
+    sent = 0
+    for subscription, ack_ids in by_subscription.items():
+        for i in range(0, len(ack_ids), _CHUNK):
+            chunk = ack_ids[i:i + _CHUNK]
+            try:
+                call(subscription=subscription, ack_ids=chunk)
+                sent += len(chunk)
+            except Exception as err:  # noqa: BLE001 - the callers say what covers it
+                _LOG.warning("%s %d messages failed: %s", what, len(chunk), err)
+    return sent
 
 
 TRACKER = AckTracker()

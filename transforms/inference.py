@@ -76,6 +76,9 @@ class TokenCounter:
         self.vocab_path = vocab_path
         self.max_length = max_length
         self._tokenizer = None
+        # Each text is counted twice (bucket key, then the batch's padding
+        # metrics): remember the last few thousand.
+        self._cache: dict[bytes | str, int] = {}
 
     @classmethod
     def for_model(cls, model_dir: str | None, max_length: int = 128) -> TokenCounter:
@@ -120,14 +123,11 @@ class TokenCounter:
         return self._tokenizer
 
     def __call__(self, text: bytes | str) -> int:
-        # Each text is counted twice (bucket key, then the batch's padding
-        # metrics): remember the last few thousand.
-        cache = self.__dict__.setdefault("_cache", {})
-        count = cache.get(text)
+        count = self._cache.get(text)
         if count is None:
-            if len(cache) > 8192:
-                cache.clear()
-            count = cache[text] = self._count(text)
+            if len(self._cache) > 8192:
+                self._cache.clear()
+            count = self._cache[text] = self._count(text)
         return count
 
     def _count(self, text: bytes | str) -> int:
