@@ -7,7 +7,7 @@ from pathlib import Path
 
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from transforms.inference import DEFAULT_BUCKETS
+from transforms.inference import DEFAULT_BUCKETS, DEFAULT_MAX_BATCH_WAIT_SECONDS
 from transforms.redis_sink import RedisConfig
 from transforms.windowing import DEFAULT_ALLOWED_LATENESS_SECONDS
 
@@ -52,8 +52,11 @@ class BertstreamOptions(PipelineOptions):
                               "their window")
         win.add_argument("--max_batch_size", type=int, default=64,
                          help="most tweets in one model call")
-        win.add_argument("--max_batch_wait_seconds", type=float, default=0.5,
-                         help="longest a tweet waits for its batch to fill")
+        win.add_argument("--max_batch_wait_seconds", type=float,
+                         default=DEFAULT_MAX_BATCH_WAIT_SECONDS,
+                         help="longest a tweet waits for its batch to fill (raise it on "
+                              "runners with small bundles, such as Dataflow, for fuller "
+                              "batches)")
         win.add_argument("--length_buckets", default=",".join(map(str, DEFAULT_BUCKETS)),
                          help="token-length bucket boundaries; a batch holds one bucket")
         win.add_argument("--dedupe_ttl_seconds", type=float, default=600,

@@ -15,7 +15,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import GoogleCloudOptions, StandardOptions
 from apache_beam.transforms import window
 
-from pipeline import direct_pubsub
+from pipeline import direct_pubsub, direct_specs
 from pipeline.options import SAMPLE_TWEETS, BertstreamOptions
 from transforms.dedupe import REPLAY_PREFIX, DedupeByTweetId
 from transforms.inference import RunSentiment, TokenCounter, local_handler
@@ -72,6 +72,7 @@ class ReadTweets(beam.PTransform):
         else:
             if "direct" in runner or not runner:
                 direct_pubsub.install()  # larger bundles than Beam's 10 messages
+                direct_specs.install()  # inspect each DoFn class once, not every bundle
             read = beam.io.ReadFromPubSub(
                 topic=o.input_topic, subscription=o.input_subscription,
                 with_attributes=True, timestamp_attribute="event_ts",

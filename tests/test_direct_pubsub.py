@@ -140,3 +140,68 @@ def test_results_publish_no_source_id():
     result = Result("1", "t", "positive", 0.9, [0.05, 0.05, 0.9], "3", "e", "s", "w", "p",
                     False, source_id="pubsub:42")
     assert "source_id" not in json.loads(result.to_json())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_batches_grow_across_bundles_and_a_quiet_stream_still_flushes(
+        pubsub_names, redis_url, tiny_model_dir):
+    # 30 tweets of one length in an open window, pulled 10 a bundle. Two
+    # things this catches: Beam's batching key changed with every bundle (its
+    # Shared UUID was garbage-collected), so three bundles made three batches
+    # of 10; and Beam's pull waited up to 30 s for more messages on the
+    # DirectRunner's only thread, so the batch's 5 s timer could not fire
+    # until the pull gave up.
+    from google.cloud import pubsub_v1
+
+    publisher = pubsub_v1.PublisherClient()
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + ".000Z"
+    client = redis.Redis.from_url(redis_url)
+    BatchStats.reset()
+    options = make_options(["--runner=DirectRunner", "--input_subscription",
+                            pubsub_names["subscription"], "--redis_url", redis_url,
+                            "--model_dir", str(tiny_model_dir), "--window_seconds", "3600",
+                            "--max_batch_size", "64", "--max_batch_wait_seconds", "5",
+                            "--direct_pubsub_max_messages", "10"])
+    pipeline = beam.Pipeline(options=options)
+    build(pipeline, options)
+    result = pipeline.run()
+    try:
+        futures = [publisher.publish(pubsub_names["topic"], json.dumps(
+            {"id": str(2 * 10**18 + i), "text": "same length tweet for every one of them",
+             "created_at": stamp}).encode(), tweet_id=str(2 * 10**18 + i), event_ts=stamp)
+            for i in range(30)]
+        for future in futures:
+            future.result(timeout=30)
+        published = time.monotonic()
+        # Start-up (model load) comes first; then 5 s of batch wait, not 30 s
+        # of a pull waiting for messages that never come.
+        deadline = published + 120
+        while client.xlen("sentiment:results") < 30 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert client.xlen("sentiment:results") == 30
+        assert BatchStats.largest == 30, BatchStats.sizes
+        # A lone tweet after the stream went quiet: its batch flushes on its
+        # timer while no message arrives.
+        publisher.publish(pubsub_names["topic"], json.dumps(
+            {"id": "7", "text": "one more", "created_at": stamp}).encode(),
+            tweet_id="7", event_ts=stamp).result(timeout=30)
+        sent = time.monotonic()
+        while client.xlen("sentiment:results") < 31 and time.monotonic() - sent < 20:
+            time.sleep(0.2)
+        assert client.xlen("sentiment:results") == 31, "the lone tweet waited for a pull"
+    finally:
+        result.cancel()
+
+
+def test_an_empty_pull_returns_at_once_and_pauses(pubsub_names):
+    from google.cloud import pubsub_v1
+
+    client = pubsub_v1.SubscriberClient()
+    puller = direct_pubsub._DrainingPuller(client, 1000, hold=False, idle_seconds=0.3)
+    started = time.monotonic()
+    response = puller.pull(subscription=pubsub_names["subscription"], max_messages=10,
+                           timeout=30)
+    assert list(response.received_messages) == []
+    # Not the 30 s long poll Beam asks for; the pause is the idle interval.
+    assert 0.3 <= time.monotonic() - started < 15

@@ -136,24 +136,28 @@ def test_batches_respect_max_size_and_stay_in_their_window(tiny_model_dir):
     assert sorted(BatchStats.sizes) == [1, 2, 3, 3]
 
 
-def test_batch_wait_flushes_before_the_window_ends(tiny_model_dir):
-    """With a long window, a half-full batch is flushed by the processing-time
-    wait, not held until the watermark passes the window's end."""
+def test_tweets_from_separate_bundles_share_a_batch(tiny_model_dir):
+    """Two bundles, one window and length bucket: one batch. Beam's batching
+    key used to change from bundle to bundle (see ``_stable_batch_keys``),
+    which made this [1, 1].
+
+    The processing-time bound (``--max_batch_wait_seconds``) cannot be shown
+    with a TestStream: Beam sets that timer from the wall clock and the test
+    clock starts at 0. ``tests/test_direct_pubsub.py`` shows it on the
+    emulator, with batches flushed by the wait inside a one-hour window.
+    """
     BatchStats.reset()
     stream = (TestStream()
               .advance_watermark_to(T0)
               .add_elements([TimestampedValue(tweet("w1"), T0 + 1)])
-              .advance_processing_time(5)
               .add_elements([TimestampedValue(tweet("w2"), T0 + 2)])
-              .advance_processing_time(5)
               .advance_watermark_to_infinity())
     with _streaming_pipeline() as p:
-        results, _ = _job(p | stream, tiny_model_dir, max_batch_size=64, wait=1,
+        results, _ = _job(p | stream, tiny_model_dir, max_batch_size=64, wait=60,
                           window_seconds=3600)
         _collect(results, "ids", lambda r: r.tweet_id)
     assert sorted(_Collect.seen["ids"]) == ["w1", "w2"]
-    assert BatchStats.elements == 2
-    assert sorted(BatchStats.sizes) == [1, 1]
+    assert BatchStats.sizes == [2]
 
 
 class _SetState:
@@ -221,3 +225,24 @@ def test_per_id_dedupe_expiry_clears_its_key():
     assert list(fn.process(("9", tweet("9")), seen, timer)) == []
     fn.expire(seen)
     assert len(list(fn.process(("9", tweet("9")), seen, timer))) == 1
+
+
+def test_the_batching_key_is_one_per_process():
+    # Beam keys batches by a per-process UUID from a Shared handle that keeps
+    # only the last acquired object alive; transforms.inference pins one.
+    import gc
+
+    from apache_beam.transforms import util
+    from apache_beam.utils.shared import Shared
+
+    import transforms.inference  # noqa: F401  installs the pinned key
+
+    first = util.WithLengthBucketKey(len, [10])
+    first.setup()
+    key = first.key
+    del first
+    Shared().acquire(lambda: util.SharedKey(), "something else")  # evicts the keepalive
+    gc.collect()
+    second = util.WithLengthBucketKey(len, [10])
+    second.setup()
+    assert second.key == key

@@ -31,9 +31,19 @@ from transforms.records import LABELS, DeadLetter, Result, Tweet, iso_from_secon
 
 _LOG = logging.getLogger(__name__)
 STAGE = "inference"
-# Token-length bucket boundaries: narrow where tweets are (10-30 tokens), so a
-# batch pads little; benchmarks/throughput.py measures the padding efficiency.
-DEFAULT_BUCKETS = (8, 10, 12, 14, 16, 18, 20, 22, 24, 28, 32, 40, 48, 64, 96)
+# Token-length bucket boundaries. Each bucket is its own batch, so more
+# buckets pad less but split a live stream into smaller batches: with 15
+# two-token-wide buckets a backlog padded only 3% (batches of 31), but at 108
+# tweets/s live the DirectRunner's bundles of ~110 tweets made batches of ~9,
+# the model spent twice as long per tweet and p99 latency went past 3 s.
+# These 8 pad 9% on the sample (batches of 42) and make live batches about
+# twice as large (benchmarks/latency.py: p99 1.8 s at the same load).
+DEFAULT_BUCKETS = (12, 16, 20, 24, 32, 48, 64, 96)
+# How long a partial batch waits for more tweets. The DirectRunner fires
+# timers between bundles, so 0.1 s means "the rest of this bundle": at 108
+# tweets/s p50 latency fell from 1.6 s (0.5 s wait) to 1.15 s with the same
+# model time. On a runner with small bundles, a longer wait fills batches.
+DEFAULT_MAX_BATCH_WAIT_SECONDS = 0.1
 _PIECES = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 _URL = re.compile(r"https?://\S+")
 _HANDLE = re.compile(r"@\w+")
@@ -56,6 +66,22 @@ def estimate_tokens(text: bytes | str) -> int:
 
 
 VOCAB_FILE = "assets.extra/vocab.txt"  # beside the SavedModel, written by model build
+
+
+_TOKENIZERS: dict[str, Any] = {}
+_TOKENIZERS_LOCK = threading.Lock()
+
+
+def _read_tokenizer(vocab_path: str):
+    from apache_beam.io.filesystems import FileSystems
+    from tokenizers import BertWordPieceTokenizer
+
+    with FileSystems.open(vocab_path) as f:
+        words = f.read().decode("utf-8").splitlines()
+    # keras-hub's BertTokenizer(lowercase=True) lowercases without
+    # stripping accents.
+    return BertWordPieceTokenizer({w: i for i, w in enumerate(words)}, lowercase=True,
+                                  strip_accents=False)
 
 
 class TokenCounter:
@@ -111,16 +137,15 @@ class TokenCounter:
                 "_tokenizer": None, "_cache": {}}
 
     def _load(self):
-        from apache_beam.io.filesystems import FileSystems
-        from tokenizers import BertWordPieceTokenizer
-
-        with FileSystems.open(self.vocab_path) as f:
-            words = f.read().decode("utf-8").splitlines()
-        # keras-hub's BertTokenizer(lowercase=True) lowercases without
-        # stripping accents.
-        self._tokenizer = BertWordPieceTokenizer(
-            {w: i for i, w in enumerate(words)}, lowercase=True, strip_accents=False)
-        return self._tokenizer
+        # Per process, not per instance: the DirectRunner unpickles a fresh
+        # copy of the batching DoFns for every bundle, and reading the
+        # vocabulary into a tokenizer takes tens of milliseconds.
+        with _TOKENIZERS_LOCK:
+            tokenizer = _TOKENIZERS.get(self.vocab_path)
+            if tokenizer is None:
+                tokenizer = _TOKENIZERS[self.vocab_path] = _read_tokenizer(self.vocab_path)
+        self._tokenizer = tokenizer
+        return tokenizer
 
     def __call__(self, text: bytes | str) -> int:
         count = self._cache.get(text)
@@ -180,6 +205,37 @@ class BatchStats:
     def reset(cls) -> None:
         cls.batches = cls.elements = cls.largest = cls.real_tokens = cls.padded_tokens = 0
         cls.sizes = []
+
+
+def _stable_batch_keys() -> None:
+    """One batching key per process, as Beam documents it.
+
+    Beam's stateful ``BatchElements`` keys every element by a "per-process
+    UUID" (``WithLengthBucketKey``/``WithSharedKey``), which its ``setup``
+    takes from a ``Shared`` handle. ``Shared`` keeps alive only the object
+    acquired last in the process, and the DoFn keeps the key string, not the
+    object: once the DoFn is dropped (the DirectRunner does that after every
+    bundle) and anything else is acquired, the next bundle gets a new UUID.
+    Measured at 108 tweets/s: 58 keys in 58 bundles, so no batch ever grew
+    across bundles (most batches held fewer than 4 tweets, each flushed by
+    its timer alone). Handing out one object for the process's lifetime
+    gives the documented behaviour; ``tests/test_batching.py`` checks it.
+    """
+    from apache_beam.transforms import util
+
+    if getattr(util.load_shared_key, "_bertstream_stable", False):
+        return
+    key = util.SharedKey()
+
+    def load_shared_key():
+        return key
+
+    load_shared_key._bertstream_stable = True
+    util.load_shared_key = load_shared_key
+
+
+# Workers import this module to unpickle the handler, before any setup runs.
+_stable_batch_keys()
 
 
 class Scores(NamedTuple):
@@ -396,7 +452,7 @@ class RunSentiment(beam.PTransform):
     """
 
     def __init__(self, handler: ModelHandler, max_batch_size: int = 64,
-                 max_batch_wait_seconds: float = 0.5,
+                 max_batch_wait_seconds: float = DEFAULT_MAX_BATCH_WAIT_SECONDS,
                  bucket_boundaries: Sequence[int] = DEFAULT_BUCKETS,
                  token_counter: TokenCounter | None = None):
         super().__init__()
