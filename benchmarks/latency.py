@@ -3,12 +3,14 @@
     python benchmarks/latency.py [--rate TPS | --capacity TPS] [--seconds S]
                                  [--model_dir DIR]
 
-Starts the Pub/Sub emulator and a redis-server, runs the streaming job on the
-DirectRunner, subscribes to the results channel, then publishes tweets at a
+Starts the Pub/Sub emulator and a redis-server and runs the streaming job on
+the DirectRunner. A second process (as ``ingest`` and subscribers are in
+production) subscribes to the results channel, then publishes tweets at a
 steady rate (default: half the capacity measured by a short streaming run, or
 half of --capacity) with their event time = publish time. Prints one JSON
 object as the last line: p50/p90/p99/max milliseconds from publish to receipt,
-the offered and achieved rates, and whether p99 met the target (window + 1 s).
+the same from publish to the job's ``processed_at`` (``to_result_*``), the
+offered rate, and whether p99 met the target (window + 1 s).
 """
 
 from __future__ import annotations

@@ -87,6 +87,7 @@ def test_dataflow_dry_run_and_job_description(tmp_path, tiny_model_dir):
     assert options["enable_streaming_engine"] is True
     assert options["setup_file"] == str(ROOT / "setup.py")
     assert options["max_num_workers"] == 3
+    assert options["max_batch_wait_seconds"] == 0.5  # small bundles: a longer wait
 
     description = json.loads(job_file.read_text())
     assert description["job"]["type"] == "JOB_TYPE_STREAMING"
