@@ -9,8 +9,9 @@ production) subscribes to the results channel, then publishes tweets at a
 steady rate (default: half the capacity measured by a short streaming run, or
 half of --capacity) with their event time = publish time. Prints one JSON
 object as the last line: p50/p90/p99/max milliseconds from publish to receipt,
-the same from publish to the job's ``processed_at`` (``to_result_*``), the
-offered rate, and whether p99 met the target (window + 1 s).
+the same from publish to the job's ``processed_at`` (``to_result_*``), p99 per
+10 s of the run (``p99_ms_per_10s``: a job falling behind shows as a rising
+series), the offered rate, and whether p99 met the target (window + 1 s).
 """
 
 from __future__ import annotations
@@ -163,6 +164,12 @@ def measure(rate: float, seconds: float, model_dir: str, window: float,
             os.environ.pop("PUBSUB_EMULATOR_HOST", None)
     done = [t for t in published if t in received]
     latencies = np.array([(received[t] - published[t]) * 1000 for t in done])
+    # p99 per 10 s of publish time: shows when a job falls behind.
+    first = min(published.values(), default=0.0)
+    by_slice: dict[int, list[float]] = {}
+    for t in done:
+        by_slice.setdefault(int((published[t] - first) // 10),
+                            []).append((received[t] - published[t]) * 1000)
     in_job = np.array([(processed[t] - published[t]) * 1000 for t in done])
     return {
         "offered_tps": rate, "seconds": seconds, "measured": len(published),
@@ -170,6 +177,7 @@ def measure(rate: float, seconds: float, model_dir: str, window: float,
         **_percentiles("", latencies),
         # publish -> the job's processed_at (pull, window, batch, model):
         **_percentiles("to_result_", in_job),
+        "p99_ms_per_10s": [round(float(np.percentile(v, 99))) for _, v in sorted(by_slice.items())],
         "target_p99_ms": (window + 1) * 1000,
     }
 
