@@ -47,6 +47,7 @@ def test_flink_dry_run_resolves_every_flag_without_secrets(tmp_path, tiny_model_
     assert options["checkpointing_interval"] == "10000"  # on by default
     assert options["flink_job_server_jar"].endswith("job-server-2.62.0.jar")
     assert options["redis_url"] == "redis://bertstream:***@redis:6379/0"
+    assert options["max_batch_wait_seconds"] == 0.5  # Flink fires timers on time
     services = options["beam_services"]
     assert list(services.values()) == ["127.0.0.1:<port chosen at start>"]
     assert out["java_environment_type"] == "EMBEDDED"
@@ -57,9 +58,10 @@ def test_flink_dry_run_for_a_cluster_stages_the_setup_file(tiny_model_dir):
     done = launcher("flink", "--dry_run", "--flink_master=flink-rest:8081",
                     "--environment_type=EXTERNAL", "--environment_config=localhost:50000",
                     "--parallelism=4", "--checkpointing_interval_ms=60000",
-                    f"--model_dir={tiny_model_dir}")
+                    f"--model_dir={tiny_model_dir}", "--max_batch_wait_seconds=2")
     assert done.returncode == 0, done.stderr
     options = json.loads(done.stdout)["options"]
+    assert options["max_batch_wait_seconds"] == 2  # given: kept
     assert options["setup_file"] == str(ROOT / "setup.py")
     assert options["parallelism"] == 4
     assert options["checkpointing_interval"] == "60000"
