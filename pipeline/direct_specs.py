@@ -9,7 +9,7 @@ job at 108 tweets/s that inspection was 38% of the runner's only worker
 thread, more than the model.
 
 The answer depends only on the DoFn's class when the instance adds no
-methods of its own: then it is computed once per class and its methods.
+methods of its own: then it is computed once per class.
 DoFns whose methods depend on the instance (``beam.Map``'s wrapper, which
 inspects the wrapped callable, or ``with_exception_handling``'s, which binds
 ``process`` per instance) are inspected every time, as before.
