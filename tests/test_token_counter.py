@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 
 import numpy as np
+import pytest
 
 from model.serving import resolve
 from transforms.inference import VOCAB_FILE, TokenCounter, estimate_tokens
@@ -65,3 +66,18 @@ def test_the_local_model_is_loaded_once_per_process(tiny_model_dir):
     first = local_handler(str(tiny_model_dir)).load_model()
     again = local_handler(str(tiny_model_dir)).load_model()
     assert first is again
+
+
+@pytest.mark.parametrize("signature", ["serving_default", "serving_tf_example"])
+def test_the_warm_up_call_at_load_works_for_both_signatures(tiny_model_dir, signature,
+                                                           monkeypatch):
+    # It feeds text to one signature and a serialized tf.Example to the
+    # other; a failure would only be logged, so catch the log.
+    from model.serving import resolve
+    from transforms import inference
+
+    failures = []
+    monkeypatch.setattr(inference._LOG, "info", lambda msg, *a: failures.append(msg % a))
+    session = inference._TF2Session(str(resolve(tiny_model_dir)), signature)
+    assert failures == []
+    assert session._arg == ("text" if signature == "serving_default" else "examples")
