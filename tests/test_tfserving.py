@@ -351,3 +351,26 @@ def test_tls_with_a_ca_file(tmp_path, tiny_model_dir):
             tfserving_handler(make_options([*base, "--tfserving_ca_file", str(cert)]))
     finally:
         secure.stop(None)
+
+
+@pytest.mark.timeout(120)
+def test_the_model_carries_warm_up_requests_a_tf_serving_peer_answers(peer, tiny_model_dir):
+    # TF Serving replays assets.extra/tf_serving_warmup_requests (PredictionLog
+    # records) before it serves a version; each must be a valid request.
+    import tensorflow as tf
+    from tensorflow_serving.apis import prediction_log_pb2, prediction_service_pb2_grpc
+
+    from model.build import WARMUP_BATCHES, WARMUP_FILE
+    from model.serving import resolve
+
+    path = resolve(tiny_model_dir) / WARMUP_FILE
+    logs = [prediction_log_pb2.PredictionLog.FromString(record.numpy())
+            for record in tf.data.TFRecordDataset(str(path))]
+    assert [len(log.predict_log.request.inputs["text"].string_val) for log in logs] == \
+        list(WARMUP_BATCHES)
+    with grpc.insecure_channel(peer) as channel:
+        predict = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        for log, size in zip(logs, WARMUP_BATCHES, strict=True):
+            response = predict.Predict(log.predict_log.request, timeout=30)
+            probs = response.outputs["probabilities"]
+            assert [d.size for d in probs.tensor_shape.dim] == [size, 3]
