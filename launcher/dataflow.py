@@ -15,7 +15,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from launcher.common import SETUP_FILE, describe, launcher_parser, redact
+from launcher.common import (
+    SETUP_FILE,
+    batch_wait_default,
+    describe,
+    launcher_parser,
+    redact,
+)
 
 _LOG = logging.getLogger(__name__)
 
@@ -44,9 +50,6 @@ def parser():
     return p
 
 
-DATAFLOW_MAX_BATCH_WAIT_SECONDS = 0.5
-
-
 def pipeline_argv(argv: list[str]) -> tuple[Any, list[str]]:
     flags, rest = parser().parse_known_args(argv)
     if not flags.temp_location.startswith("gs://"):
@@ -65,11 +68,7 @@ def pipeline_argv(argv: list[str]) -> tuple[Any, list[str]]:
         out.append("--update")
     if not flags.no_setup_file and not any(a.startswith("--setup_file") for a in rest):
         out.append(f"--setup_file={SETUP_FILE}")
-    if not any(a.startswith("--max_batch_wait_seconds") for a in rest):
-        # The pipeline's 0.1 s default suits the DirectRunner, whose bundles
-        # hold up to 1000 messages; Dataflow's streaming bundles are small,
-        # so a batch needs longer to fill.
-        out.append(f"--max_batch_wait_seconds={DATAFLOW_MAX_BATCH_WAIT_SECONDS}")
+    out += batch_wait_default(rest)
     if flags.dry_run:
         # Beam's Dataflow runner builds the job and returns before any API call.
         out.append("--dry_run=True")

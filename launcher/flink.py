@@ -23,7 +23,13 @@ from apache_beam.options.pipeline_options import FlinkRunnerOptions
 from apache_beam.runners.runner import PipelineState
 
 from launcher import jars
-from launcher.common import NOOP_CREDENTIALS, SETUP_FILE, describe, launcher_parser
+from launcher.common import (
+    NOOP_CREDENTIALS,
+    SETUP_FILE,
+    batch_wait_default,
+    describe,
+    launcher_parser,
+)
 from launcher.expansion import GCP_EXPANSION_TARGET, LocalExpansionService
 
 _LOG = logging.getLogger(__name__)
@@ -118,11 +124,7 @@ class FlinkLaunch:
         if f.environment_type != "LOOPBACK" and not f.no_setup_file \
                 and not _has_flag(self.pipeline_flags, "--setup_file"):
             out.append(f"--setup_file={SETUP_FILE}")
-        if not _has_flag(self.pipeline_flags, "--max_batch_wait_seconds"):
-            # The pipeline's 0.1 s suits the DirectRunner, which fires timers
-            # only between its large bundles; Flink fires them on time, so a
-            # batch would hold 0.1 s of one key's tweets.
-            out.append(f"--max_batch_wait_seconds={FLINK_MAX_BATCH_WAIT_SECONDS}")
+        out += batch_wait_default(self.pipeline_flags)
         out += self.pipeline_flags
         if self.reads_pubsub_xlang:
             out.append("--streaming")
@@ -134,9 +136,6 @@ class FlinkLaunch:
                 out += [f"--java_pubsub_root_url=http://{emulator}",
                         f"--java_credential_factory_class={NOOP_CREDENTIALS}"]
         return out
-
-
-FLINK_MAX_BATCH_WAIT_SECONDS = 0.5
 
 
 def _has_flag(argv: list[str], flag: str) -> bool:

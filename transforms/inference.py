@@ -102,9 +102,6 @@ class TokenCounter:
         self.vocab_path = vocab_path
         self.max_length = max_length
         self._tokenizer = None
-        # Each text is counted twice (bucket key, then the batch's padding
-        # metrics): remember the last few thousand.
-        self._cache: dict[bytes | str, int] = {}
 
     @classmethod
     def for_model(cls, model_dir: str | None, max_length: int = 128) -> TokenCounter:
@@ -134,7 +131,7 @@ class TokenCounter:
 
     def __getstate__(self):
         return {"vocab_path": self.vocab_path, "max_length": self.max_length,
-                "_tokenizer": None, "_cache": {}}
+                "_tokenizer": None}
 
     def _load(self):
         # Per process, not per instance: the DirectRunner unpickles a fresh
@@ -148,14 +145,6 @@ class TokenCounter:
         return tokenizer
 
     def __call__(self, text: bytes | str) -> int:
-        count = self._cache.get(text)
-        if count is None:
-            if len(self._cache) > 8192:
-                self._cache.clear()
-            count = self._cache[text] = self._count(text)
-        return count
-
-    def _count(self, text: bytes | str) -> int:
         if self.vocab_path is None:
             return min(estimate_tokens(text), self.max_length)
         if isinstance(text, bytes):
