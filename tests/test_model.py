@@ -175,6 +175,113 @@ def test_in_graph_tokenization_matches_keras_hub(trained_tiny):
     assert short["token_ids"].shape == (2, 4)
 
 
+def _keras_and_fused_logits(module, texts, precision):
+    """Logits of the trained Keras classifier on keras-hub's fixed-length
+    features, and of the fused graph on ours (padded to the longest row)."""
+    import keras_hub
+    import tensorflow as tf
+
+    from model.export import normalize_text
+    from model.fused import FusedBertClassifier
+
+    preprocessor = keras_hub.models.BertTextClassifierPreprocessor(
+        module.tokenizer, sequence_length=module.max_length)
+    theirs = module.classifier(preprocessor(normalize_text(tf.constant(texts))),
+                               training=False).numpy()
+    fused = FusedBertClassifier(module.classifier, precision)
+    ours = fused(tf.function(module.features)(tf.constant(texts))).numpy()
+    return theirs, ours
+
+
+@pytest.mark.slow
+def test_fused_graph_computes_the_keras_model(trained_tiny):
+    _, module, _ = trained_tiny
+    # Rows of very different lengths in one batch: padding, the attention mask
+    # and the last layer's [CLS]-only rows all matter to the result.
+    texts = TEXTS + ["short", "a somewhat longer tweet about the weather and the trains"]
+    theirs, ours = _keras_and_fused_logits(module, texts, "float32")
+    np.testing.assert_allclose(ours, theirs, atol=2e-5, rtol=1e-4)
+    # Each row's logits do not depend on the batch it is padded with.
+    alone = np.concatenate([_keras_and_fused_logits(module, [t], "float32")[1] for t in texts])
+    np.testing.assert_allclose(alone, ours, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_fused_graph_in_bfloat16_keeps_the_labels(trained_tiny):
+    _, module, _ = trained_tiny
+    theirs, ours = _keras_and_fused_logits(module, TEXTS, "bfloat16")
+    assert ours.dtype == np.float32
+    np.testing.assert_allclose(ours, theirs, atol=0.05 * float(np.abs(theirs).max()) + 1e-3)
+    assert not np.array_equal(ours, theirs)  # it really ran in bfloat16
+
+
+def test_fused_graph_rejects_an_unknown_precision(trained_tiny):
+    from model.fused import FusedBertClassifier
+
+    with pytest.raises(ValueError, match="precision"):
+        FusedBertClassifier(trained_tiny[1].classifier, "float16")
+
+
+def test_native_bfloat16_reads_the_cpu_flags(tmp_path):
+    from model.fused import native_bfloat16
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f amx_bf16 amx_tile\n")
+    assert native_bfloat16(cpuinfo)
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f\n")
+    assert not native_bfloat16(cpuinfo)
+    assert not native_bfloat16(tmp_path / "missing")
+
+
+def test_a_bfloat16_model_on_a_cpu_without_it_is_named_in_a_warning(monkeypatch):
+    from model import fused
+
+    card = {"serving": {"precision": "bfloat16"}}
+    monkeypatch.setattr(fused, "native_bfloat16", lambda: False)
+    assert "--precision float32" in fused.emulation_warning(card)
+    assert fused.emulation_warning({"serving": {"precision": "float32"}}) is None
+    assert fused.emulation_warning({}) is None  # a model from before the fused graph
+    monkeypatch.setattr(fused, "native_bfloat16", lambda: True)
+    assert fused.emulation_warning(card) is None
+
+
+@pytest.mark.slow
+def test_build_exports_each_precision_from_one_training(tmp_path):
+    """Both precisions come from the same cached training run; each version's
+    card says which graph it holds and how its labels compare with Keras."""
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    from model.build import SERVING_RECIPE, BuildConfig, build
+    from model.serving import LoadedModel
+
+    cache = tmp_path / "cache"
+    cards = {}
+    for precision in ("float32", "bfloat16"):
+        cfg = BuildConfig.tiny_defaults(out=tmp_path / "out", max_train_rows=64,
+                                        max_eval_rows=48, cache_dir=cache,
+                                        precision=precision)
+        version_dir = build(cfg)
+        cards[precision] = json.loads((version_dir / "model_card.json").read_text())
+        probabilities = LoadedModel(version_dir).probabilities(TEXTS)
+        np.testing.assert_allclose(probabilities.sum(1), 1.0, atol=1e-5)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["1", "2"]
+    trainings = list((cache / "builds").iterdir())
+    assert len(trainings) == 1
+    assert sorted(p.name for p in trainings[0].iterdir()) == [
+        "model", f"serving-bfloat16-s{SERVING_RECIPE}", f"serving-float32-s{SERVING_RECIPE}"]
+    for precision, card in cards.items():
+        assert card["serving"]["precision"] == precision
+        assert card["build_key"].endswith(f"-{precision}-s{SERVING_RECIPE}")
+        assert card["training_build_key"] == trainings[0].name
+    assert cards["float32"]["serving"]["label_agreement_with_keras"] == 1.0
+    assert cards["float32"]["serving"]["max_probability_difference"] < 1e-4
+    assert cards["bfloat16"]["serving"]["label_agreement_with_keras"] >= 0.9
+    # Asking again for an installed precision changes nothing.
+    again = build(BuildConfig.tiny_defaults(out=tmp_path / "out", max_train_rows=64,
+                                            max_eval_rows=48, cache_dir=cache,
+                                            precision="bfloat16"))
+    assert again.name == "2"
+
+
 @pytest.mark.slow
 def test_both_signatures_agree(tiny_model_dir):
     import tensorflow as tf
@@ -208,6 +315,17 @@ def test_model_card_and_layout(tiny_model_dir):
                 "build_seconds", "size_bytes"):
         assert key in card
     assert card["test_metrics"]["n"] > 0
+
+
+def test_benchmark_reads_the_architecture_from_the_card(tiny_model_dir):
+    from benchmarks import common
+    from model.serving import resolve
+
+    arch = common.architecture(resolve(tiny_model_dir))
+    assert arch == {"num_layers": 2, "hidden": 32, "intermediate": 64}
+    full = common.flops_per_sequence(20, arch)
+    # The last of 2 layers computes all rows' keys and values, one row's rest.
+    assert full / 2 < common.computed_flops_per_sequence(20, arch) < full
 
 
 @pytest.mark.slow
