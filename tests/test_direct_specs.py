@@ -84,3 +84,20 @@ def test_an_invalid_dofn_still_fails_every_time():
     for _ in range(2):
         with pytest.raises(ValueError, match="same"):
             userstate.validate_stateful_dofn(_Twice())
+
+
+@pytest.mark.parametrize("runner,installed", [("DirectRunner", True), ("FlinkRunner", False)])
+def test_jobs_on_the_direct_runner_install_it_whatever_their_input(monkeypatch, tmp_path,
+                                                                   runner, installed):
+    import apache_beam as beam
+
+    from pipeline import direct_specs as module
+    from pipeline.pipeline import ReadTweets, make_options
+
+    calls = []
+    monkeypatch.setattr(module, "install", lambda: calls.append(runner) or True)
+    tweets = tmp_path / "t.jsonl"
+    tweets.write_text("")
+    options = make_options([f"--runner={runner}", "--input_file", str(tweets)])
+    _ = beam.Pipeline(runner="DirectRunner") | ReadTweets(options)
+    assert calls == ([runner] if installed else [])

@@ -81,3 +81,26 @@ def test_the_warm_up_call_at_load_works_for_both_signatures(tiny_model_dir, sign
     session = inference._TF2Session(str(resolve(tiny_model_dir)), signature)
     assert failures == []
     assert session._arg == ("text" if signature == "serving_default" else "examples")
+
+
+def test_a_text_is_encoded_once_per_process_across_counters(tiny_model_dir, monkeypatch):
+    """The bucketing step and the handler count with separate unpickled
+    counters; the second count of a tweet is a cache hit, not a new encode."""
+    from transforms import inference
+
+    first = TokenCounter.for_model(str(tiny_model_dir))
+    second = pickle.loads(pickle.dumps(first))
+    first("warm the tokenizer up")
+    tokenizer = inference._TOKENIZERS[first.vocab_path]
+    encoded = []
+
+    class Counting:
+        def encode(self, text):
+            encoded.append(text)
+            return tokenizer.encode(text)
+
+    monkeypatch.setitem(inference._TOKENIZERS, first.vocab_path, Counting())
+    text = b"a tweet counted by the bucketing and again by the handler @someone"
+    assert first(text) == second(text) == second(text.decode())
+    assert len(encoded) == 2  # bytes and str are different keys; each encoded once
+    assert first(text + b"!") >= first(text) and len(encoded) == 3
