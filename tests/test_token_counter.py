@@ -104,3 +104,23 @@ def test_a_text_is_encoded_once_per_process_across_counters(tiny_model_dir, monk
     assert first(text) == second(text) == second(text.decode())
     assert len(encoded) == 2  # bytes and str are different keys; each encoded once
     assert first(text + b"!") >= first(text) and len(encoded) == 3
+
+
+def test_the_handler_reads_what_tfx_bsls_prediction_logs_hold(tiny_model_dir, monkeypatch):
+    """The handler skips tfx-bsl's per-tweet PredictionLog building; its
+    scores must be the ones those logs carry."""
+    from transforms.inference import _tensor_values, local_handler
+
+    handler = local_handler(str(tiny_model_dir))
+    model = handler.load_model()
+    texts = [b"great day", b"awful service, never again", "caf\u00e9 ok \U0001F600".encode()]
+    with monkeypatch.context() as patched:
+        patched.setattr(handler._tfx, "_post_process",
+                        lambda *a: pytest.fail("PredictionLogs were built"))
+        scores = handler.run_inference(texts, model)
+    logs = handler._tfx.run_inference(texts, model)
+    expected = [_tensor_values(log.predict_log.response.outputs["probabilities"]).tolist()
+                for log in logs]
+    assert len(scores) == len(texts)
+    np.testing.assert_allclose([s.probabilities for s in scores], expected, atol=1e-6)
+    assert {s.model_version for s in scores} == {resolve(tiny_model_dir).name}
