@@ -3,7 +3,9 @@ export it in TF Serving's layout, ``<out>/<version>/saved_model.pb``.
 
 Builds are cached by a key over everything that changes the result (recipe
 version, options, input packages), so ``make`` can call this on every run and
-CI on the same machine reuses the model instead of training it again.
+CI on the same machine reuses the model instead of training it again. The
+training run and the serving export (``model/fused.py``, in ``--precision``)
+are cached apart: a new precision or serving recipe re-exports in a minute.
 """
 
 from __future__ import annotations

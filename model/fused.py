@@ -9,8 +9,11 @@ third of the encoder's time. This module computes the same function from the
 same weights with ops the rewriter turns into single oneDNN primitives
 (``_FusedMatMul`` with BiasAdd and GELU), and skips work nothing reads: the
 last layer's rows other than ``[CLS]`` (the classifier reads only the pooled
-``[CLS]`` vector). ``tests/test_model.py`` checks it against keras-hub's
-output; ``benchmarks/model_throughput.py --graph`` measures both.
+``[CLS]`` vector). The weights are graph constants, so oneDNN lays each one
+out for its kernels once, not on every call. ``tests/test_model.py`` checks
+the result against keras-hub's; ``benchmarks/throughput.py`` reports which
+graph and precision it measured. On MiniLM here: keras-hub's graph 259
+tweets/s, this one 378 in float32 and 837 in bfloat16.
 
 With ``precision="bfloat16"`` the matrix products run in bfloat16 (Intel AMX
 or AVX-512 BF16 on CPUs that have them) while embeddings, residual sums,
