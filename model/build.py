@@ -350,20 +350,16 @@ def export_serving(cfg: BuildConfig, trained: Path, out: Path, precision: str) -
     labels_path = write_labels(out.parent / "labels.txt")
     module = SentimentModule(fused, tokenizer, cfg.max_length, float(temperature.numpy()),
                              labels_path)
-    reference = SentimentModule(classifier, tokenizer, cfg.max_length, 1.0, labels_path)
+    reference = SentimentModule(classifier, tokenizer, cfg.max_length,
+                                float(temperature.numpy()), labels_path)
 
     _, evals, _ = _rows(cfg)
     rows = evals["test"]
     ours, theirs = [], []
-    serve = module.serve_text
-    keras_logits = tf.function(reference.logits, reduce_retracing=True)
-    features = tf.function(module.features, reduce_retracing=True)
     for i in range(0, len(rows), 64):
         texts = tf.constant([r.text for r in rows[i:i + 64]])
-        ours.append(serve(texts)["probabilities"].numpy())
-        z = keras_logits(features(texts)).numpy() / float(temperature.numpy())
-        z = np.exp(z - z.max(axis=1, keepdims=True))
-        theirs.append(z / z.sum(axis=1, keepdims=True))
+        ours.append(module.serve_text(texts)["probabilities"].numpy())
+        theirs.append(reference.serve_text(texts)["probabilities"].numpy())
     ours = np.concatenate(ours) if ours else np.zeros((0, len(data.LABELS)))
     theirs = np.concatenate(theirs) if theirs else ours
     test = metrics([data.LABELS[r.label] for r in rows],
