@@ -213,7 +213,8 @@ def main(argv=None) -> int:
     from pipeline.local_servers import LocalRedis
 
     version_dir = resolve(args.model_dir)
-    max_length = int(read_card(version_dir).get("max_sequence_length", 128))
+    card = read_card(version_dir)
+    max_length = int(card.get("max_sequence_length", 128))
     tweets = common.make_tweets(args.n, args.per_second)
     texts = [t["text"] for t in tweets]
     from transforms.inference import TokenCounter
@@ -247,7 +248,7 @@ def main(argv=None) -> int:
     out["flops_per_tweet"] = sum(common.flops_per_sequence(n, arch)
                                  for n in lengths_all) / len(lengths_all)
     out["ceiling_tps"] = out["gemm_gflops"] * 1e9 / out["flops_per_tweet"]
-    serving = read_card(version_dir).get("serving") or {}
+    serving = card.get("serving") or {}
     out["precision"] = serving.get("precision", "float32")
     out["graph"] = "fused" if serving else "keras"
     if serving:  # the fused graph skips the last layer's non-[CLS] rows

@@ -52,6 +52,20 @@ def default_precision() -> str:
     return "bfloat16" if native_bfloat16() else "float32"
 
 
+def warn_if_emulated(version_dir: str, log) -> None:
+    """Logs ``emulation_warning`` for the model in ``version_dir`` (any path
+    TensorFlow reads: local or gs://); a missing or unreadable card is quiet."""
+    import json
+
+    try:
+        with tf.io.gfile.GFile(str(version_dir).rstrip("/") + "/model_card.json") as f:
+            warning = emulation_warning(json.loads(f.read()))
+    except (tf.errors.OpError, ValueError):
+        return
+    if warning:
+        log.warning("%s: %s", version_dir, warning)
+
+
 def emulation_warning(card: dict) -> str | None:
     """What to log when a model's bfloat16 graph is about to run on a CPU
     that would emulate bfloat16 (slower than float32, not wrong)."""

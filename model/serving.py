@@ -64,12 +64,10 @@ class LoadedModel:
         import tensorflow as tf
         import tensorflow_text  # noqa: F401  registers the tokenizer's ops
 
-        from model.fused import emulation_warning
+        from model.fused import warn_if_emulated
 
         self.version_dir = resolve(model)
-        warning = emulation_warning(read_card(self.version_dir))
-        if warning:
-            logging.getLogger(__name__).warning("%s: %s", self.version_dir, warning)
+        warn_if_emulated(self.version_dir, logging.getLogger(__name__))
         self.version = int(self.version_dir.name) if self.version_dir.name.isdigit() else 0
         self.labels = labels_of(self.version_dir)
         self._loaded = tf.saved_model.load(str(self.version_dir))

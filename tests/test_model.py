@@ -233,7 +233,7 @@ def test_native_bfloat16_reads_the_cpu_flags(tmp_path):
     assert not native_bfloat16(tmp_path / "missing")
 
 
-def test_a_bfloat16_model_on_a_cpu_without_it_is_named_in_a_warning(monkeypatch):
+def test_a_bfloat16_model_on_a_cpu_without_it_is_named_in_a_warning(monkeypatch, tmp_path):
     from model import fused
 
     card = {"serving": {"precision": "bfloat16"}}
@@ -241,6 +241,19 @@ def test_a_bfloat16_model_on_a_cpu_without_it_is_named_in_a_warning(monkeypatch)
     assert "--precision float32" in fused.emulation_warning(card)
     assert fused.emulation_warning({"serving": {"precision": "float32"}}) is None
     assert fused.emulation_warning({}) is None  # a model from before the fused graph
+    logged = []
+
+    class Log:
+        def warning(self, *args):
+            logged.append(args)
+
+    version_dir = tmp_path / "1"
+    version_dir.mkdir()
+    (version_dir / "model_card.json").write_text(json.dumps(card))
+    fused.warn_if_emulated(str(version_dir), Log())
+    assert len(logged) == 1 and "--precision float32" in logged[0][2]
+    fused.warn_if_emulated(str(tmp_path / "missing"), Log())  # no card: quiet
+    assert len(logged) == 1
     monkeypatch.setattr(fused, "native_bfloat16", lambda: True)
     assert fused.emulation_warning(card) is None
 

@@ -333,21 +333,6 @@ def _tensor_values(proto) -> np.ndarray:
     return np.array(list(proto.float_val) or list(proto.int64_val))
 
 
-def _warn_if_emulated(version_dir: str) -> None:
-    import tensorflow as tf
-
-    from model.fused import emulation_warning
-
-    card = version_dir.rstrip("/") + "/model_card.json"
-    try:
-        with tf.io.gfile.GFile(card) as f:
-            warning = emulation_warning(json.loads(f.read()))
-    except (tf.errors.OpError, ValueError):
-        return
-    if warning:
-        _LOG.warning("%s: %s", version_dir, warning)
-
-
 class _TF2Session:
     """What tfx-bsl's in-process handler calls, backed by ``tf.saved_model.load``.
 
@@ -363,8 +348,10 @@ class _TF2Session:
         import tensorflow as tf
         import tensorflow_text  # noqa: F401  the tokenizer's ops
 
+        from model.fused import warn_if_emulated
+
         self._tf = tf
-        _warn_if_emulated(path)
+        warn_if_emulated(path, _LOG)
         self._loaded = tf.saved_model.load(path)
         self._fn = self._loaded.signatures[signature]
         (self._arg,) = self._fn.structured_input_signature[1].keys()
