@@ -37,6 +37,11 @@ class BertstreamOptions(PipelineOptions):
         src.add_argument("--direct_pubsub_max_messages", type=int, default=1000,
                          help="DirectRunner only: Pub/Sub messages per bundle (Beam's own "
                               "reader takes 10; see pipeline/direct_pubsub.py)")
+        src.add_argument("--direct_threads", type=int, default=2,
+                         help="DirectRunner only: threads that run bundles (Beam's own "
+                              "executor has 1), so that the model runs while other tweets "
+                              "are parsed, batched and written (see "
+                              "pipeline/direct_executor.py)")
         src.add_argument("--direct_pubsub_ack", choices=("on_write", "on_pull"),
                          default="on_write",
                          help="DirectRunner only: acknowledge a message once its result or "
@@ -131,6 +136,8 @@ class BertstreamOptions(PipelineOptions):
         for flag in ("window_seconds", "max_batch_wait_seconds"):
             if getattr(self, flag) <= 0:
                 raise ValueError(f"--{flag} must be positive")
+        if self.direct_threads < 1:
+            raise ValueError("--direct_threads must be at least 1")
         if self.direct_pubsub_max_messages < 1:
             raise ValueError("--direct_pubsub_max_messages must be at least 1")
         if self.max_batch_size < 1:

@@ -15,7 +15,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import GoogleCloudOptions, StandardOptions
 from apache_beam.transforms import window
 
-from pipeline import direct_pubsub, direct_specs
+from pipeline import direct_executor, direct_pubsub, direct_specs
 from pipeline.options import SAMPLE_TWEETS, BertstreamOptions
 from transforms.dedupe import REPLAY_PREFIX, DedupeByTweetId
 from transforms.inference import RunSentiment, TokenCounter, local_handler
@@ -62,8 +62,10 @@ class ReadTweets(beam.PTransform):
         runner = (o.view_as(StandardOptions).runner or "").lower()
         if "direct" in runner or not runner:
             # The job's timers put it on the bundle-based DirectRunner, which
-            # inspects every DoFn at every bundle; inspect each class once.
+            # inspects every DoFn at every bundle (inspect each class once)
+            # and runs every bundle on one thread (give it more).
             direct_specs.install()
+            direct_executor.install(o.direct_threads)
         if not o.is_pubsub:
             return (p | "InputFile" >> beam.Create([o.input_file or str(SAMPLE_TWEETS)])
                     | "ReadLines" >> beam.FlatMap(read_lines))

@@ -124,3 +124,21 @@ def test_the_handler_reads_what_tfx_bsls_prediction_logs_hold(tiny_model_dir, mo
     assert len(scores) == len(texts)
     np.testing.assert_allclose([s.probabilities for s in scores], expected, atol=1e-6)
     assert {s.model_version for s in scores} == {resolve(tiny_model_dir).name}
+
+
+def test_loading_the_model_freezes_the_heap_it_leaves(tiny_model_dir, monkeypatch):
+    # Full collections must not walk TensorFlow's long-lived objects in the
+    # middle of a run (transforms/inference.py, _freeze_heap).
+    import gc
+
+    from transforms import inference
+    from transforms.inference import local_handler
+
+    monkeypatch.setattr(inference, "_LOADED", {})
+    gc.unfreeze()
+    assert gc.get_freeze_count() == 0
+    local_handler(str(tiny_model_dir)).load_model()
+    frozen = gc.get_freeze_count()
+    assert frozen > 10_000
+    local_handler(str(tiny_model_dir)).load_model()  # cached: no second collection
+    assert gc.get_freeze_count() == frozen

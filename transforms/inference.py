@@ -16,6 +16,7 @@ Serving gRPC handler in ``transforms.tfserving``.
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import logging
 import re
@@ -189,9 +190,15 @@ class BatchStats:
     real_tokens = 0
     padded_tokens = 0
     sizes: list[int] = []
+    _lock = threading.Lock()  # the DirectRunner runs bundles on several threads
 
     @classmethod
     def record(cls, lengths: list[int]) -> None:
+        with cls._lock:
+            cls._record(lengths)
+
+    @classmethod
+    def _record(cls, lengths: list[int]) -> None:
         cls.batches += 1
         cls.elements += len(lengths)
         cls.largest = max(cls.largest, len(lengths))
@@ -202,6 +209,11 @@ class BatchStats:
 
     @classmethod
     def reset(cls) -> None:
+        with cls._lock:
+            cls._reset()
+
+    @classmethod
+    def _reset(cls) -> None:
         cls.batches = cls.elements = cls.largest = cls.real_tokens = cls.padded_tokens = 0
         cls.sizes = []
 
@@ -409,6 +421,7 @@ class _LocalScoresHandler(ModelHandler):
         with _LOADED_LOCK:
             if key not in _LOADED:
                 _LOADED[key] = self._tfx.load_model()
+                _freeze_heap()
             return _LOADED[key]
 
     def run_inference(self, batch, model, inference_args=None):
@@ -432,6 +445,20 @@ class _LocalScoresHandler(ModelHandler):
 
     def share_model_across_processes(self) -> bool:
         return False
+
+
+def _freeze_heap() -> None:
+    """Moves every object alive now out of the garbage collector's reach.
+
+    Loading TensorFlow and a SavedModel leaves about 480,000 tracked Python
+    objects that live as long as the process. Each full collection walks them
+    all: one took 0.31-0.40 s in the middle of a 2,000-tweet file run (about
+    a tenth of it) and stops every thread of the job while it runs. Frozen,
+    they are skipped (``gc.freeze``, Python's own answer for long-lived
+    heaps); what is freed later is collected as before.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def local_handler(model_dir: str, signature: str = "serving_default") -> ModelHandler:
