@@ -133,12 +133,12 @@ def computed_flops_per_sequence(length: int, arch: dict) -> float:
     return flops_per_sequence(length, arch) - full_last + cls_last
 
 
-def gemm_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """Best of several square fp32 matmuls, in GFLOP/s."""
+def gemm_gflops(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
+    """Best of several square matmuls (fp32 unless ``dtype`` says), in GFLOP/s."""
     import tensorflow as tf
 
-    a = tf.random.normal((n, n))
-    b = tf.random.normal((n, n))
+    a = tf.cast(tf.random.normal((n, n)), dtype)
+    b = tf.cast(tf.random.normal((n, n)), dtype)
     tf.linalg.matmul(a, b).numpy()  # warm-up
     best = 0.0
     for _ in range(repeats):

@@ -15,8 +15,10 @@ pull) makes one bundle hold up to that many messages: while pulls come back
 nearly full (a backlog), further pulls follow and stop when the subscription
 is drained, the limit is reached, or 0.5 s have passed.
 
-Beam's pull also waits up to 30 s for a message, and the DirectRunner has a
-single worker thread: while it waits, no timer fires, so the last partial
+Beam's pull also waits up to 30 s for a message, and Beam's DirectRunner has
+a single worker thread (``--direct_threads`` gives it more, see
+``pipeline/direct_executor.py``, but a waiting pull would still hold one of
+them): while it waits, no timer fires, so the last partial
 batches of a burst (or a lone tweet in a trickle) sat in state until the next
 message came, up to 30 s (the latency benchmark's p99 was 31 s for that
 alone). Here an empty subscription is polled instead: a pull that returns at
@@ -49,7 +51,7 @@ DRAIN_BUDGET_SECONDS = 0.5
 # A pull that returns this many messages means more are waiting (the emulator
 # answers at most 100 a pull; Pub/Sub itself up to the 1000 asked for).
 BACKLOG_PAGE = 50
-# How long an empty pull pauses the DirectRunner's only worker thread: the
+# How long an empty pull pauses the DirectRunner worker thread it runs on: the
 # most it adds to a trickle's latency, and 1 / the idle pull rate.
 IDLE_POLL_SECONDS = 0.1
 _installed = False
@@ -78,8 +80,8 @@ class _DrainingPuller:
 
     def pull(self, subscription, max_messages=None, timeout=None, **kwargs):
         kwargs.pop("return_immediately", None)
-        # Not a long poll: it would hold the DirectRunner's only thread, and
-        # with it every timer (see the module docstring). Not a short RPC
+        # Not a long poll: it would hold a DirectRunner thread (with Beam's
+        # one, every timer too; see the module docstring). Not a short RPC
         # deadline either: the emulator may hand messages to a pull the
         # client gave up on, and they would come back only after their ack
         # deadline.
