@@ -214,7 +214,9 @@ def main(argv=None) -> int:
     p.add_argument("--max_batch_size", type=int, default=64)
     p.add_argument("--per_second", type=float, default=200.0,
                    help="event-time density of the generated tweets")
-    p.add_argument("--direct_threads", type=int, default=2,
+    from pipeline.direct_executor import DEFAULT_THREADS
+
+    p.add_argument("--direct_threads", type=int, default=DEFAULT_THREADS,
                    help="the pipeline's --direct_threads; the file run is also timed "
                         "with 1 for comparison")
     p.add_argument("--skip_streaming", action="store_true")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from pipeline import direct_executor
 from transforms.inference import DEFAULT_BUCKETS, DEFAULT_MAX_BATCH_WAIT_SECONDS
 from transforms.redis_sink import RedisConfig
 from transforms.windowing import DEFAULT_ALLOWED_LATENESS_SECONDS
@@ -37,7 +38,7 @@ class BertstreamOptions(PipelineOptions):
         src.add_argument("--direct_pubsub_max_messages", type=int, default=1000,
                          help="DirectRunner only: Pub/Sub messages per bundle (Beam's own "
                               "reader takes 10; see pipeline/direct_pubsub.py)")
-        src.add_argument("--direct_threads", type=int, default=2,
+        src.add_argument("--direct_threads", type=int, default=direct_executor.DEFAULT_THREADS,
                          help="DirectRunner only: threads that run bundles (Beam's own "
                               "executor has 1), so that the model runs while other tweets "
                               "are parsed, batched and written (see "

@@ -60,7 +60,8 @@ class ReadTweets(beam.PTransform):
     def expand(self, p):
         o = self._o
         runner = (o.view_as(StandardOptions).runner or "").lower()
-        if "direct" in runner or not runner:
+        on_direct = "direct" in runner or not runner
+        if on_direct:
             # The job's timers put it on the bundle-based DirectRunner, which
             # inspects every DoFn at every bundle (inspect each class once)
             # and runs every bundle on one thread (give it more).
@@ -76,7 +77,7 @@ class ReadTweets(beam.PTransform):
                              with_attributes=True, timestamp_attribute="event_ts",
                              id_label="tweet_id", expansion_service=self._expansion_service())
         else:
-            if "direct" in runner or not runner:
+            if on_direct:
                 direct_pubsub.install()  # larger bundles than Beam's 10 messages
             read = beam.io.ReadFromPubSub(
                 topic=o.input_topic, subscription=o.input_subscription,
