@@ -519,6 +519,44 @@ def test_ingester_reads_the_bearer_token_from_a_secret_file(overlay):
     assert not [e for e in container.get("env", []) if "TOKEN" in e["name"].upper()]
 
 
+def test_dashboard_reads_redis_as_a_read_only_user_and_serves_its_port(overlay):
+    _, objs = overlay
+    spec = one(objs, "Deployment", "dashboard")["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    submit = one(objs, "Job", "pipeline-submit")["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == submit["image"], "the dashboard runs from the pipeline image"
+    assert args_of(container)[:3] == ["python", "-m", "pipeline.dashboard"]
+    assert flag(container, "redis_url") == "redis://dashboard@redis:6379/0"
+    for name in ("redis_stream", "redis_channel"):
+        assert flag(container, name) == flag(submit, name), name
+    port = int(flag(container, "port"))
+    assert flag(container, "host") == "0.0.0.0"  # reachable through its Service
+    (declared,) = container["ports"]
+    assert declared["containerPort"] == port
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": declared["name"]}
+    env = {e["name"]: e for e in container["env"]}
+    assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "redis-auth", "key": "dashboard-password"}
+    service = one(objs, "Service", "dashboard")
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == [declared["name"]]
+    policy = one(objs, "NetworkPolicy", "dashboard")["spec"]
+    assert policy["ingress"] == [{"ports": [{"protocol": "TCP", "port": port}]}]
+    assert policy["egress"] == [{"to": [{"podSelector": {"matchLabels": {
+        "app.kubernetes.io/name": "redis"}}}], "ports": [{"protocol": "TCP", "port": 6379}]}]
+    config = one(objs, "ConfigMap", "redis-config")["data"]
+    (user,) = [line.split() for line in config["start.sh"].splitlines()
+               if line.startswith("user dashboard ")]
+    assert "%R~sentiment:*" in user and "-@all" in user and "resetchannels" in user
+    allowed = {rule[1:] for rule in user if rule.startswith("+")}
+    assert allowed <= {"xrevrange", "xread", "hgetall", "pubsub|numsub", "ping", "hello", "auth",
+                       "client|setinfo", "client|setname", "client|id"}, allowed
+    redis = one(objs, "StatefulSet", "redis")["spec"]["template"]["spec"]["containers"][0]
+    redis_env = {e["name"]: e for e in redis["env"]}
+    assert redis_env["REDIS_DASHBOARD_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "redis-auth", "key": "dashboard-password"}
+
+
 def test_overlay_specifics(overlay):
     name, objs = overlay
     hpa = one(objs, "HorizontalPodAutoscaler", "tfserving")["spec"]
@@ -620,8 +658,9 @@ def test_default_deny_then_only_the_promised_paths(overlay):
 
     taskmanager = {"app.kubernetes.io/name": "flink", "app.kubernetes.io/component": "taskmanager"}
     submitter = {"app.kubernetes.io/name": "pipeline-submit"}
+    dashboard = {"app.kubernetes.io/name": "dashboard"}
     for app, port, peers in (
-        ("redis", 6379, [taskmanager, submitter]),
+        ("redis", 6379, [taskmanager, submitter, dashboard]),
         ("tfserving", 8500, [taskmanager]),
     ):
         allowed = ingress_ports(app)
@@ -630,6 +669,7 @@ def test_default_deny_then_only_the_promised_paths(overlay):
             peer.get("podSelector", {}).get("matchLabels") for peer in allowed[port]
         ] == peers, f"{app}:{port} is open beyond {peers}"
     assert ingress_ports("ingester") == {}, "nothing connects to the ingester"
+    assert set(ingress_ports("dashboard")) == {8080}, "the dashboard is open beyond its page"
 
 
 # --- secrets --------------------------------------------------------------------------
@@ -759,7 +799,8 @@ def test_redis_start_script_limits_the_sink_user(tmp_path: Path):
     if tuple(map(int, re.search(r"v=(\d+)\.(\d+)", version.stdout).groups())) < (7, 2):
         # CLIENT SETINFO is new in 7.2 (the image runs 7.2): older servers reject the rule.
         script = script.replace(" +client|setinfo", "")
-    env = {**os.environ, "REDIS_ADMIN_PASSWORD": "admin-pw", "REDIS_SINK_PASSWORD": "sink-pw"}
+    env = {**os.environ, "REDIS_ADMIN_PASSWORD": "admin-pw", "REDIS_SINK_PASSWORD": "sink-pw",
+           "REDIS_DASHBOARD_PASSWORD": "dashboard-pw"}
     proc = subprocess.Popen(
         ["sh", "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
@@ -790,6 +831,30 @@ def test_redis_start_script_limits_the_sink_user(tmp_path: Path):
             lambda: sink.flushall(),
             lambda: sink.config_get("*"),
             lambda: sink.evalsha(sha, 1, "other", "y"),
+        ):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                denied()
+        # The dashboard's user reads all it shows, and can change nothing.
+        from pipeline.dashboard import Dashboard, Keys
+
+        keys = Keys(url=f"redis://dashboard:dashboard-pw@127.0.0.1:{port}/0",
+                    window_prefix="sentiment:counts:")
+        with Dashboard(keys, port=0) as dashboard:
+            deadline = time.monotonic() + 10
+            while not dashboard.feed.redis_ok:
+                assert time.monotonic() < deadline, "the dashboard could not read as its user"
+                time.sleep(0.1)
+        reader = redis.Redis(port=port, username="dashboard", password="dashboard-pw")
+        assert reader.xrevrange("sentiment:results", count=1)
+        assert reader.xread({"sentiment:results": "0-0"}, count=1)
+        assert reader.hgetall("sentiment:counts:w1") == {b"positive": b"1"}
+        for denied in (
+            lambda: reader.xadd("sentiment:results", {"x": "1"}),
+            lambda: reader.hincrby("sentiment:counts:w1", "positive", 1),
+            lambda: reader.delete("sentiment:results"),
+            lambda: reader.hgetall("other"),
+            lambda: reader.publish("sentiment", "{}"),
+            lambda: reader.eval("return 1", 0),
         ):
             with pytest.raises(redis.exceptions.NoPermissionError):
                 denied()
