@@ -59,8 +59,20 @@ jars: venv
 run: setup
 	$(PY) -m pipeline --runner=DirectRunner --model_dir $(MODEL_DIR)
 
+# Headless Chromium + its WebDriver for the dashboard's browser tests (tests/test_dashboard.py).
+.PHONY: chromium
+chromium:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing chromium and chromium-driver with apt-get"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	  else \
+	    echo "chromium is missing (the dashboard's browser tests need it): run 'sudo apt-get install -y chromium chromium-driver' (or make chromium as root)"; exit 1; \
+	  fi; \
+	fi
+
 # pytest exits 5 when it collected no test: that is a failure here, like any other non-zero code.
-test: setup
+test: setup chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 reliability: setup
