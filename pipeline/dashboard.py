@@ -321,12 +321,17 @@ class Feed:
                 if self._redis["ok"]:
                     _LOG.warning("Redis at %s unavailable: %s", redacted(self.keys.url), err)
                 self._set_redis(False, f"{type(err).__name__}: {err}")
-                _LOG.info("reconnecting in %.2fs", backoff)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, self.MAX_BACKOFF_SECONDS)
+            except Exception as err:  # a bug must not leave the page "live" on stale data
+                _LOG.exception("the dashboard's reader failed; starting over")
+                self._set_redis(False, f"reader error: {type(err).__name__}: {err}")
             finally:
                 if client is not None:
                     client.close()
+            if self._stop.is_set():
+                break
+            _LOG.info("reconnecting in %.2fs", backoff)
+            self._stop.wait(backoff)
+            backoff = min(backoff * 2, self.MAX_BACKOFF_SECONDS)
 
     def _set_redis(self, ok: bool, error: str | None) -> None:
         if ok != self._redis["ok"] or error != self._redis["error"]:
@@ -437,6 +442,8 @@ class Feed:
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
+    server_version = "bertstream-dashboard"
+    sys_version = ""
     timeout = 60  # a client that stops reading frees its thread
     HEARTBEAT_SECONDS = 15.0
 
@@ -449,7 +456,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(HTTPStatus.OK, *self.server.files[path[8:]], cache="max-age=300")
         elif path == "/api/summary":
             self._send(HTTPStatus.OK, feed.current()[1], "application/json")
-        elif path == "/api/events":
+        elif path == "/api/events" and self.command == "GET":
             self._events(feed)
         elif path == "/healthz":
             # Alive and serving, whatever Redis does: the page explains an outage.
@@ -459,6 +466,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(HTTPStatus.NO_CONTENT, b"", "text/plain")
         else:
             self._send(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain; charset=utf-8")
+
+    do_HEAD = do_GET  # noqa: N815 - _send leaves the body out
 
     def _headers(self, status: HTTPStatus, content_type: str, cache: str) -> None:
         self.send_response(status)
@@ -472,7 +481,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._headers(status, content_type, cache)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def _events(self, feed: Feed) -> None:
         """Server-sent events: the summary now, then on every change; a comment

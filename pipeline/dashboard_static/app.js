@@ -60,8 +60,8 @@ function renderTiles(s) {
   }
   const models = $("t-models");
   models.replaceChildren(...s.model_versions.map((v) =>
-    el("span", { class: "chip", title: "last result " + (v.last_seen || "?") },
-       (v.version || "(none)") + " · " + fmt(v.results))));
+    el("span", { class: "chip", title: "results among the recent ones; last at " + (v.last_seen || "?") },
+       (v.version || "(none)") + " (" + fmt(v.results) + ")")));
   if (!s.model_versions.length) models.textContent = "–";
   $("scope").textContent = "Totals from " + s.keys.stats_key + "; label counts over the " +
     fmt(s.results_read) + " results read from " + s.keys.stream +
