@@ -32,9 +32,7 @@ from transforms.redis_sink import RedisConfig, _WriteDeadLettersFn, _WriteResult
 
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOT = ROOT / "docs" / "dashboard.png"
-pytestmark = [pytest.mark.integration,
-              # selenium imports trio, which registers a PRNG the way Hypothesis warns about.
-              pytest.mark.filterwarnings("ignore:It looks like `register_random`")]
+pytestmark = [pytest.mark.integration]
 
 HOSTILE = ('<script>window.__pwned = 1; alert("xss")</script>'
            '<img src=x onerror="window.__pwned = 2; alert(2)"></td></tr><b>bold?</b> & &amp;')
