@@ -327,11 +327,14 @@ def train(cfg: BuildConfig, export_dir: Path) -> tuple[dict, SentimentModule]:
         # once per shape, so plain graph mode trains faster overall here.
         jit_compile=False)
 
+    # A graph, not eager calls: scoring ~17k rows is a fifth of the build otherwise.
+    logits_fn = tf.function(module.logits, reduce_retracing=True)
+
     def eval_logits(rows: list[data.Row]) -> np.ndarray:
         out = []
         for i in range(0, len(rows), 64):
             feats = features_fn(tf.constant([r.text for r in rows[i:i + 64]]))
-            out.append(module.logits(feats).numpy())
+            out.append(logits_fn(feats).numpy())
         return np.concatenate(out) if out else np.zeros((0, len(data.LABELS)))
 
     best = (-1.0, None, 0)
