@@ -123,6 +123,25 @@ def test_fit_calibration_recovers_a_prior_shift():
     assert fit_calibration(logits, labels, "none") == (1.0, pytest.approx(np.zeros(3)))
 
 
+def test_polar_calibration_trades_neutral_recall_for_polar_accuracy():
+    from model.build import _calibrated, decision_score, fit_calibration
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, 6000)
+    logits = np.eye(3)[labels] * 1.5 + rng.normal(0, 1.0, (6000, 3))
+    t, by_loss = fit_calibration(logits, labels, "bias")
+    t_polar, polar = fit_calibration(logits, labels, "polar")
+    assert t_polar == pytest.approx(t)
+    neutral = data.LABELS.index("neutral")
+    assert polar[neutral] - polar.mean() < by_loss[neutral] - by_loss.mean()
+    scores = [decision_score(labels, _calibrated(logits, t, b).argmax(1))
+              for b in (by_loss, polar)]
+    assert scores[1] > scores[0]
+    # decision_score: the mean of accuracy and strict polar accuracy.
+    gold = np.array([0, 1, 2, 2])
+    assert decision_score(gold, np.array([0, 0, 1, 2])) == pytest.approx((2 / 4 + 2 / 3) / 2)
+
+
 def test_build_rejects_an_unknown_mix_or_calibration(tmp_path):
     from model.build import BuildConfig
 
