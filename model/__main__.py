@@ -57,8 +57,10 @@ def parser() -> argparse.ArgumentParser:
                    help="labelled sources trained on (the out-of-domain tweets never are)")
     b.add_argument("--calibration", choices=CALIBRATIONS, default=default.calibration,
                    help="class-prior calibration fitted on the out-of-domain validation "
-                        "tweets and applied inside the SavedModel: none, a temperature, or a "
-                        "temperature and one logit bias per class")
+                        "tweets and applied inside the SavedModel: none; a temperature; a "
+                        "temperature and one logit bias per class by log-loss (bias); or those "
+                        "biases shifted to the best mean of accuracy and strict polar "
+                        "accuracy (polar)")
     b.add_argument("--tiny", action="store_true",
                    help="a seconds-long build of a tiny random-init model (for tests)")
     b.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,

