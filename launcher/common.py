@@ -43,20 +43,6 @@ class JavaRuntimeOptions(PipelineOptions):
 
 NOOP_CREDENTIALS = "org.apache.beam.sdk.extensions.gcp.auth.NoopCredentialFactory"
 
-# The pipeline's 0.1 s batch wait suits the DirectRunner, which fires timers
-# only between its bundles of up to 1000 messages. Dataflow's streaming
-# bundles are small and Flink fires timers on time: there a batch would hold
-# 0.1 s of one key's tweets, so the launchers wait longer unless told.
-CLUSTER_MAX_BATCH_WAIT_SECONDS = 0.5
-
-
-def batch_wait_default(pipeline_flags: list[str]) -> list[str]:
-    """``--max_batch_wait_seconds`` for a cluster runner, unless given."""
-    if any(a.startswith("--max_batch_wait_seconds") for a in pipeline_flags):
-        return []
-    return [f"--max_batch_wait_seconds={CLUSTER_MAX_BATCH_WAIT_SECONDS}"]
-
-
 def launcher_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, description=description,

@@ -17,7 +17,6 @@ from typing import Any
 
 from launcher.common import (
     SETUP_FILE,
-    batch_wait_default,
     describe,
     launcher_parser,
     redact,
@@ -68,7 +67,6 @@ def pipeline_argv(argv: list[str]) -> tuple[Any, list[str]]:
         out.append("--update")
     if not flags.no_setup_file and not any(a.startswith("--setup_file") for a in rest):
         out.append(f"--setup_file={SETUP_FILE}")
-    out += batch_wait_default(rest)
     if flags.dry_run:
         # Beam's Dataflow runner builds the job and returns before any API call.
         out.append("--dry_run=True")

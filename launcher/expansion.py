@@ -1,15 +1,24 @@
-"""Beam's Java expansion service for the GCP IOs, on 127.0.0.1, started by PID.
+"""The Java servers of a local Flink run, on 127.0.0.1, started and stopped by PID.
 
-Started with ``--defaultEnvironmentType=EMBEDDED`` so the Java part of the
+``LocalExpansionService``: Beam's Java expansion service for the GCP IOs,
+started with ``--defaultEnvironmentType=EMBEDDED`` so the Java part of the
 cross-language Pub/Sub read runs inside the Flink runner's JVM instead of a
-Docker container (there is no Docker here; apache/beam#30663, #21085, #21021),
-and with ``--experiments=use_deprecated_read`` so the read expands to a
-primitive ``Read`` that Flink runs natively in its source operator: Flink then
-acknowledges Pub/Sub messages when a checkpoint completes. (Expanded as a
-splittable DoFn instead, it received messages but emitted nothing here.)
-"""
+Docker container (there is no Docker here; apache/beam#30663, #21085,
+#21021), and with ``--experiments=use_deprecated_read`` so the read expands
+to a primitive ``Read`` that Flink runs natively in its source operator:
+Flink then acknowledges Pub/Sub messages when a checkpoint completes.
+(Expanded as a splittable DoFn instead, it received messages but emitted
+nothing here.)
 
-from __future__ import annotations
+``LocalFlinkJobServer``: Beam's Flink job server with an embedded Flink
+(``--flink-master=[local]``). Started here rather than by Beam's runner so
+that it starts while the pipeline is being built, logs to a file, and
+outlives a Ctrl-C long enough for the job to be cancelled (Beam's own
+handler stops its job server on SIGINT first).
+
+Both ``launch()`` (return at once) and then ``wait_ready()``, so the JVMs
+start side by side.
+"""
 
 import logging
 import os
@@ -26,7 +35,45 @@ _LOG = logging.getLogger(__name__)
 GCP_EXPANSION_TARGET = ReadTweets.GCP_EXPANSION_TARGET
 
 
-class LocalExpansionService(_LocalServer):
+class _JavaServer(_LocalServer):
+    """A ``java -jar`` server in its own process group, logging to a file."""
+
+    def __init__(self, jar, port=None):
+        self.jar = str(jar)
+        self.port = port or free_port()
+        self.log_path = Path(tempfile.mkdtemp(prefix=f"bertstream-{self.name}-")) / "server.log"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def args(self) -> list[str]:
+        raise NotImplementedError
+
+    def launch(self):
+        # No GCE metadata probe from the Google auth library.
+        env = dict(os.environ, NO_GCE_CHECK="true")
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(["java", *self.args()], stdout=log,
+                                         stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True)
+        return self
+
+    def wait_ready(self, timeout: float = 120.0):
+        try:
+            _wait_for_port(self.port, self.proc, timeout, self.name)
+        except (RuntimeError, TimeoutError) as err:
+            self.stop()
+            raise RuntimeError(f"{err}; its log: {self.log_path}") from err
+        _LOG.info("started %s pid %d on %s (log %s)", self.name, self.proc.pid, self.address,
+                  self.log_path)
+        return self
+
+    def start(self, timeout: float = 120.0):
+        return self.launch().wait_ready(timeout)
+
+
+class LocalExpansionService(_JavaServer):
     """``java -jar <expansion jar> 127.0.0.1 PORT --defaultEnvironmentType=...``.
 
     Args:
@@ -38,33 +85,30 @@ class LocalExpansionService(_LocalServer):
 
     name = "expansion-service"
 
-    def __init__(self, jar: str | Path, environment_type: str = "EMBEDDED",
-                 port: int | None = None):
-        self.jar = str(jar)
+    def __init__(self, jar, environment_type: str = "EMBEDDED", port=None):
+        super().__init__(jar, port)
         self.environment_type = environment_type
-        self.port = port or free_port()
-        self.log_path = Path(tempfile.mkdtemp(prefix="bertstream-expansion-")) / "service.log"
 
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 90.0) -> LocalExpansionService:
-        args = ["java", "-jar", self.jar, "127.0.0.1", str(self.port),
+    def args(self) -> list[str]:
+        return ["-jar", self.jar, "127.0.0.1", str(self.port),
                 f"--defaultEnvironmentType={self.environment_type}",
                 "--experiments=use_deprecated_read"]
-        # No GCE metadata probe from the Google auth library.
-        env = dict(os.environ, NO_GCE_CHECK="true")
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                         start_new_session=True)
-        try:
-            _wait_for_port(self.port, self.proc, timeout, self.name)
-        except (RuntimeError, TimeoutError) as err:
-            self.stop()
-            raise RuntimeError(f"{err}; its log: {self.log_path}") from err
-        _LOG.info("started expansion service pid %d on %s", self.proc.pid, self.address)
-        return self
 
-    def __enter__(self):
-        return self.start()
+
+class LocalFlinkJobServer(_JavaServer):
+    """Beam's Flink job server with an embedded Flink, bound to 127.0.0.1."""
+
+    name = "flink-job-server"
+
+    def __init__(self, jar, port=None):
+        super().__init__(jar, port)
+        self.artifact_port = free_port()
+
+    def args(self) -> list[str]:
+        return ["-jar", self.jar, "--flink-master=[local]", "--job-host=127.0.0.1",
+                f"--job-port={self.port}", f"--artifact-port={self.artifact_port}",
+                "--expansion-port=0"]
+
+    def endpoint_flags(self) -> list[str]:
+        return [f"--job_endpoint={self.address}",
+                f"--artifact_endpoint=127.0.0.1:{self.artifact_port}"]

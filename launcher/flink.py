@@ -23,13 +23,7 @@ from apache_beam.options.pipeline_options import FlinkRunnerOptions
 from apache_beam.runners.runner import PipelineState
 
 from launcher import jars
-from launcher.common import (
-    NOOP_CREDENTIALS,
-    SETUP_FILE,
-    batch_wait_default,
-    describe,
-    launcher_parser,
-)
+from launcher.common import NOOP_CREDENTIALS, SETUP_FILE, describe, launcher_parser
 from launcher.expansion import GCP_EXPANSION_TARGET, LocalExpansionService
 
 _LOG = logging.getLogger(__name__)
@@ -105,7 +99,7 @@ class FlinkLaunch:
         from pipeline.options import BertstreamOptions
 
         o = BertstreamOptions(self.pipeline_flags)
-        return o.is_pubsub and o.pubsub_read != "native"
+        return o.is_pubsub and o.pubsub_read == "xlang"
 
     def argv(self, expansion_address: str | None = None) -> list[str]:
         """The pipeline's command line: its own flags plus the runner's."""
@@ -124,7 +118,6 @@ class FlinkLaunch:
         if f.environment_type != "LOOPBACK" and not f.no_setup_file \
                 and not _has_flag(self.pipeline_flags, "--setup_file"):
             out.append(f"--setup_file={SETUP_FILE}")
-        out += batch_wait_default(self.pipeline_flags)
         out += self.pipeline_flags
         if self.reads_pubsub_xlang:
             out.append("--streaming")
@@ -163,27 +156,46 @@ class RunningJob:
 
 @contextlib.contextmanager
 def flink_job(argv: list[str]) -> Iterator[RunningJob]:
-    """Submits the job (not waiting for it) and cancels it on exit; the
-    expansion service, when this launcher started one, is stopped after.
+    """Submits the job (not waiting for it) and cancels it on exit; the Java
+    servers this launcher started are stopped after.
 
-    Tests and the benchmark use this; ``main`` waits in it until Ctrl-C.
+    Locally (``[local]``, no ``--job_endpoint``) the job server and the
+    expansion service start side by side while the pipeline is built.
+    Tests and the benchmark use this; ``main`` waits in it until Ctrl-C or
+    SIGTERM.
     """
     import apache_beam as beam
 
     import launcher.common  # noqa: F401 - registers JavaRuntimeOptions
+    from launcher.expansion import LocalFlinkJobServer
     from pipeline.pipeline import make_options, run
 
     launch = FlinkLaunch.parse(argv)
     if launch.job_server_jar:
         jars.require(launch.flags.flink_version)
+    started = time.monotonic()
     with contextlib.ExitStack() as stack:
-        address = None
+        servers = []
+        expansion = job_server = None
         if launch.reads_pubsub_xlang and not launch.flags.expansion_service:
-            service = LocalExpansionService(launch.expansion_jar,
-                                            launch.flags.java_environment_type)
-            address = stack.enter_context(service).address
-        pipeline_argv = launch.argv(address)
-        started = time.monotonic()
+            expansion = LocalExpansionService(launch.expansion_jar,
+                                              launch.flags.java_environment_type)
+            servers.append(expansion)
+        if launch.job_server_jar and launch.flags.flink_master == "[local]":
+            job_server = LocalFlinkJobServer(launch.job_server_jar)
+            servers.append(job_server)
+        for server in servers:
+            stack.callback(server.stop)
+            server.launch()
+        # While the JVMs start: check the flags, and import what the model
+        # handler needs (TensorFlow and tfx-bsl take seconds).
+        if make_options(launch.argv()).inference == "local":
+            import tfx_bsl.beam.run_inference  # noqa: F401
+        for server in servers:
+            server.wait_ready()
+        pipeline_argv = launch.argv(expansion.address if expansion else None)
+        if job_server is not None:
+            pipeline_argv += job_server.endpoint_flags()
         pipeline = beam.Pipeline(options=make_options(pipeline_argv))
         result, _ = run(pipeline_argv, test_pipeline=pipeline)
         job = RunningJob(result, pipeline_argv, time.monotonic() - started)
@@ -193,6 +205,19 @@ def flink_job(argv: list[str]) -> Iterator[RunningJob]:
         finally:
             if not launch.flags.detach:
                 _LOG.info("job ended %s", job.cancel())
+                _wait_for_local_workers()
+
+
+def _wait_for_local_workers(timeout_s: float = 15.0) -> None:
+    """Waits until the LOOPBACK SDK workers in this process have let go of the
+    job server (Flink stops them once the cancelled job is torn down), so that
+    stopping it does not cut their streams mid-call."""
+    import threading
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(
+            t.name.startswith("run_worker") for t in threading.enumerate()):
+        time.sleep(0.2)
 
 
 def main(argv: list[str]) -> int:
@@ -206,12 +231,11 @@ def main(argv: list[str]) -> int:
             "java_environment_type": launch.flags.java_environment_type})
         print(json.dumps(resolved, indent=2, sort_keys=True))
         return 0
+    from pipeline.pipeline import wait_or_cancel
+
     with flink_job(argv) as job:
         if launch.flags.detach:
             print(json.dumps({"job_id": job.result.job_id(), "state": job.result.state}))
             return 0
-        try:
-            job.result.wait_until_finish()
-        except KeyboardInterrupt:
-            _LOG.info("interrupted: cancelling the job")
+        wait_or_cancel(job.result)
     return 0

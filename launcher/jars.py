@@ -1,13 +1,10 @@
 """The Java side of the Flink runner, fetched once from Maven Central into a cache.
 
-Beam's ready-made uber jars (``beam-runners-flink-1.19-job-server`` and
-``beam-sdks-java-io-google-cloud-platform-expansion-service``) are not served by
-the Maven Central that this project can reach, and neither is any Beam Java
-module newer than 2.62.0 together with everything it needs. So ``fetch``
-resolves the same modules those uber jars are built from, at
-:data:`BEAM_JAVA_VERSION`, with ``mvn dependency:copy-dependencies`` into
-``<cache>/jars/beam-<version>-flink-<flink>/lib`` and writes two thin launcher
-jars next to it whose manifests put ``lib/*`` on the class path:
+``fetch`` resolves the modules of ``launcher/java/pom.xml`` (Beam's Flink job
+server and the GCP IO expansion service, Beam Java :data:`BEAM_JAVA_VERSION`;
+the pom says why not Beam's uber jars) with ``mvn dependency:copy-dependencies``
+into ``<cache>/jars/beam-<version>-flink-<flink>/lib`` and writes two thin
+launcher jars next to it whose manifests put ``lib/*`` on the class path:
 
 - the job server (``java -jar`` it, or give it to ``--flink_job_server_jar``),
   with the Java SDK harness and the GCP IOs inside, so that a cross-language
@@ -16,15 +13,14 @@ jars next to it whose manifests put ``lib/*`` on the class path:
   (``java/LoopbackExpansionService.java``; Beam's own main listens on all
   interfaces).
 
-The Python SDK (2.77) talks to the 2.62 job server and expansion service over
-Beam's portability API, which is versioned and stable; the tests run that pair.
-The cache is ``$BERTSTREAM_CACHE`` or ``~/.cache/bertstream``.
+The Python SDK (2.77) talks to them over Beam's portability API, which is
+versioned; the tests run that pair. The cache is ``$BERTSTREAM_CACHE`` or
+``~/.cache/bertstream``.
 """
-
-from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -33,35 +29,15 @@ from pathlib import Path
 
 _LOG = logging.getLogger(__name__)
 
-BEAM_JAVA_VERSION = "2.62.0"
+JAVA_DIR = Path(__file__).resolve().parent / "java"
+POM = JAVA_DIR / "pom.xml"
+BEAM_JAVA_VERSION = re.search(r"<beam.version>([^<]+)</beam.version>", POM.read_text()).group(1)
 FLINK_VERSIONS = ("1.19",)
 DEFAULT_FLINK_VERSION = "1.19"
 JOB_SERVER_MAIN = "org.apache.beam.runners.flink.FlinkJobServerDriver"
 EXPANSION_MAIN = "LoopbackExpansionService"
-_JAVA_SOURCE = Path(__file__).resolve().parent / "java" / f"{EXPANSION_MAIN}.java"
-
-# The modules Beam's job-server and GCP expansion-service uber jars are built
-# from, plus what those jars shade in: a logger binding and jamm (the Java
-# harness measures its caches with it; EMBEDDED fails without it).
-_POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
-  <modelVersion>4.0.0</modelVersion>
-  <groupId>bertstream</groupId>
-  <artifactId>bertstream-beam-java</artifactId>
-  <version>1</version>
-  <packaging>pom</packaging>
-  <dependencies>
-{dependencies}
-  </dependencies>
-</project>
-"""
-_DEPENDENCIES = (
-    ("org.apache.beam", "beam-runners-flink-{flink}", BEAM_JAVA_VERSION),
-    ("org.apache.beam", "beam-sdks-java-harness", BEAM_JAVA_VERSION),
-    ("org.apache.beam", "beam-sdks-java-expansion-service", BEAM_JAVA_VERSION),
-    ("org.apache.beam", "beam-sdks-java-io-google-cloud-platform", BEAM_JAVA_VERSION),
-    ("com.github.jbellis", "jamm", "0.4.0"),
-    ("org.slf4j", "slf4j-simple", "1.7.30"),
-)
+_JAVA_SOURCE = JAVA_DIR / f"{EXPANSION_MAIN}.java"
+MAVEN_HINT = "mvn and a JDK (javac) are needed: sudo apt-get install -y maven openjdk-17-jdk-headless"
 
 
 def cache_dir() -> Path:
@@ -82,8 +58,14 @@ def expansion_service_jar(flink_version: str = DEFAULT_FLINK_VERSION) -> Path:
         f"beam-sdks-java-io-google-cloud-platform-expansion-service-{BEAM_JAVA_VERSION}.jar")
 
 
+def _ready_text(flink_version: str) -> str:
+    return f"beam-java {BEAM_JAVA_VERSION} flink {flink_version}\n{POM.read_text()}"
+
+
 def is_fetched(flink_version: str = DEFAULT_FLINK_VERSION) -> bool:
-    return (jars_dir(flink_version) / "READY").exists()
+    """Whether the cache holds the jars of today's pom.xml."""
+    ready = jars_dir(flink_version) / "READY"
+    return ready.exists() and ready.read_text() == _ready_text(flink_version)
 
 
 def require(flink_version: str = DEFAULT_FLINK_VERSION) -> tuple[Path, Path]:
@@ -94,15 +76,9 @@ def require(flink_version: str = DEFAULT_FLINK_VERSION) -> tuple[Path, Path]:
     if not is_fetched(flink_version):
         raise FileNotFoundError(
             f"the Beam Flink job server is not in {jars_dir(flink_version)}: run "
-            f"`python -m launcher fetch-jars` (needs Maven and Maven Central) first")
+            f"`python -m launcher fetch-jars` (or `make jars`; needs Maven and Maven "
+            f"Central) first")
     return job_server_jar(flink_version), expansion_service_jar(flink_version)
-
-
-def _pom(flink_version: str) -> str:
-    deps = "\n".join(
-        f"    <dependency><groupId>{g}</groupId><artifactId>{a.format(flink=flink_version)}"
-        f"</artifactId><version>{v}</version></dependency>" for g, a, v in _DEPENDENCIES)
-    return _POM.format(dependencies=deps)
 
 
 def _manifest_line(text: str) -> bytes:
@@ -143,17 +119,16 @@ def fetch(flink_version: str = DEFAULT_FLINK_VERSION, force: bool = False) -> Pa
         return target
     for tool in ("mvn", "javac", "java"):
         if shutil.which(tool) is None:
-            raise FileNotFoundError(f"`{tool}` is not installed (Java 17 JDK and Maven are needed)")
+            raise FileNotFoundError(f"`{tool}` is not installed: {MAVEN_HINT}")
     target.mkdir(parents=True, exist_ok=True)
     (target / "READY").unlink(missing_ok=True)
-    pom = target / "pom.xml"
-    pom.write_text(_pom(flink_version))
     lib = target / "lib"
     shutil.rmtree(lib, ignore_errors=True)
-    _LOG.info("resolving Beam Java %s for Flink %s with Maven (a few hundred MB, once)",
+    _LOG.info("resolving Beam Java %s for Flink %s with Maven (about 300 MB, once)",
               BEAM_JAVA_VERSION, flink_version)
-    subprocess.run(["mvn", "-B", "-q", "-f", str(pom), "dependency:copy-dependencies",
-                    f"-DoutputDirectory={lib}", "-DincludeScope=runtime"], check=True)
+    subprocess.run(["mvn", "-B", "-q", "-f", str(POM), "dependency:copy-dependencies",
+                    f"-Dflink.version={flink_version}", f"-DoutputDirectory={lib}",
+                    "-DincludeScope=runtime"], check=True)
     with tempfile.TemporaryDirectory(prefix="bertstream-javac-") as classes:
         subprocess.run(["javac", "-cp", f"{lib}/*", "-d", classes, str(_JAVA_SOURCE)],
                        check=True)
@@ -161,6 +136,6 @@ def fetch(flink_version: str = DEFAULT_FLINK_VERSION, force: bool = False) -> Pa
                     for p in Path(classes).rglob("*.class")}
     write_launcher_jar(job_server_jar(flink_version), JOB_SERVER_MAIN, lib)
     write_launcher_jar(expansion_service_jar(flink_version), EXPANSION_MAIN, lib, compiled)
-    (target / "READY").write_text(f"beam-java {BEAM_JAVA_VERSION} flink {flink_version}\n")
+    (target / "READY").write_text(_ready_text(flink_version))
     _LOG.info("jars ready in %s", target)
     return target

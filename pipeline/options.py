@@ -1,14 +1,14 @@
 """The pipeline's flags, in one ``PipelineOptions`` subclass."""
 
-from __future__ import annotations
-
 import os
 from pathlib import Path
 
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from pipeline import direct_executor
-from transforms.inference import DEFAULT_BUCKETS, DEFAULT_MAX_BATCH_WAIT_SECONDS
+from pipeline.direct_runner import DEFAULT_MAX_MESSAGES as DIRECT_MAX_MESSAGES
+from pipeline.direct_runner import DEFAULT_THREADS as DIRECT_THREADS
+from transforms.inference import DEFAULT_MAX_BATCH_SIZE
+from transforms.pubsub import DEFAULT_LEASE_SECONDS, MAX_LEASE_SECONDS
 from transforms.redis_sink import RedisConfig
 from transforms.windowing import DEFAULT_ALLOWED_LATENESS_SECONDS
 
@@ -31,23 +31,31 @@ class BertstreamOptions(PipelineOptions):
         src.add_argument("--input_file", default=None,
                          help="JSONL file, one X API v2 tweet object a line; event time "
                               "from created_at (batch)")
-        src.add_argument("--pubsub_read", choices=("auto", "native", "xlang"), default="auto",
-                         help="how to read Pub/Sub: Beam's native Python source, or the Java "
-                              "cross-language one (portable runners such as Flink); auto "
-                              "picks by runner")
-        src.add_argument("--direct_pubsub_max_messages", type=int, default=1000,
-                         help="DirectRunner only: Pub/Sub messages per bundle (Beam's own "
-                              "reader takes 10; see pipeline/direct_pubsub.py)")
-        src.add_argument("--direct_threads", type=int, default=direct_executor.DEFAULT_THREADS,
-                         help="DirectRunner only: threads that run bundles (Beam's own "
-                              "executor has 1), so that the model runs while other tweets "
-                              "are parsed, batched and written (see "
-                              "pipeline/direct_executor.py)")
-        src.add_argument("--direct_pubsub_ack", choices=("on_write", "on_pull"),
-                         default="on_write",
-                         help="DirectRunner only: acknowledge a message once its result or "
-                              "dead letter is in Redis (nothing lost if the job dies), or "
-                              "when pulled (Beam's own behaviour)")
+        src.add_argument("--pubsub_read", choices=("auto", "pull", "xlang", "native"),
+                         default="auto",
+                         help="how to read Pub/Sub: pull (a Python source on any portable "
+                              "runner; the job acknowledges once written), xlang (Beam's Java "
+                              "PubsubIO through an expansion service; Flink acknowledges at "
+                              "checkpoints), native (Beam's Python source: Dataflow); auto "
+                              "picks by runner (docs/architecture.md)")
+        src.add_argument("--direct_optimizations", choices=("on", "off"), default="on",
+                         help="DirectRunner with Pub/Sub only: larger pulls, acknowledgement "
+                              "once written, more threads (pipeline/direct_runner.py); off "
+                              "runs Beam's DirectRunner as it ships (it acknowledges on pull)")
+        src.add_argument("--direct_pubsub_max_messages", type=int,
+                         default=DIRECT_MAX_MESSAGES,
+                         help="DirectRunner only: Pub/Sub messages per bundle (Beam's reader "
+                              "takes 10)")
+        src.add_argument("--direct_threads", type=int, default=DIRECT_THREADS,
+                         help="DirectRunner only: threads that run bundles (Beam's executor "
+                              "has 1), so that the model runs while other tweets are parsed "
+                              "and written")
+        src.add_argument("--pubsub_lease_seconds", type=int, default=DEFAULT_LEASE_SECONDS,
+                         help="where the job acknowledges messages itself (all runners but "
+                              "Dataflow and --pubsub_read=xlang): how long a pulled "
+                              "message is held before Pub/Sub redelivers it (10-"
+                              f"{MAX_LEASE_SECONDS}); a message is acknowledged once its "
+                              "result or dead letter is in Redis")
 
         win = parser.add_argument_group("windows and batches")
         win.add_argument("--window_seconds", type=float, default=2.0,
@@ -56,18 +64,12 @@ class BertstreamOptions(PipelineOptions):
                          default=DEFAULT_ALLOWED_LATENESS_SECONDS,
                          help="late tweets are still scored (and counted) this long after "
                               "their window")
-        win.add_argument("--max_batch_size", type=int, default=64,
-                         help="most tweets in one model call")
-        win.add_argument("--max_batch_wait_seconds", type=float,
-                         default=DEFAULT_MAX_BATCH_WAIT_SECONDS,
-                         help="longest a tweet waits for its batch to fill (raise it on "
-                              "runners with small bundles, such as Dataflow, for fuller "
-                              "batches)")
-        win.add_argument("--length_buckets", default=",".join(map(str, DEFAULT_BUCKETS)),
-                         help="token-length bucket boundaries; a batch holds one bucket")
+        win.add_argument("--max_batch_size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
+                         help="most tweets in one model call (batches are cut from what is "
+                              "waiting, sorted by token length)")
         win.add_argument("--dedupe_ttl_seconds", type=float, default=600,
-                         help="how long the pipeline remembers a tweet id (Redis remembers "
-                              "it for --redis_dedupe_ttl_seconds)")
+                         help="how long (in event time) the pipeline remembers a tweet id "
+                              "(Redis remembers it for --redis_dedupe_ttl_seconds)")
 
         inf = parser.add_argument_group("inference")
         inf.add_argument("--inference", choices=("local", "tfserving"), default="local",
@@ -119,9 +121,6 @@ class BertstreamOptions(PipelineOptions):
             dedupe_ttl_seconds=self.redis_dedupe_ttl_seconds, retries=self.redis_retries,
             ca_file=self.redis_ca_file)
 
-    def buckets(self) -> list[int]:
-        return [int(b) for b in self.length_buckets.split(",") if b.strip()]
-
     def validate_flags(self) -> None:
         """Raises ValueError naming the flag to change."""
         sources = [f for f in ("input_subscription", "input_topic", "input_file")
@@ -134,23 +133,18 @@ class BertstreamOptions(PipelineOptions):
             raise ValueError("--input_topic must look like projects/P/topics/T")
         if self.input_file and not Path(self.input_file).exists():
             raise ValueError(f"--input_file {self.input_file}: no such file")
-        for flag in ("window_seconds", "max_batch_wait_seconds"):
-            if getattr(self, flag) <= 0:
-                raise ValueError(f"--{flag} must be positive")
-        if self.direct_threads < 1:
-            raise ValueError("--direct_threads must be at least 1")
-        if self.direct_pubsub_max_messages < 1:
-            raise ValueError("--direct_pubsub_max_messages must be at least 1")
+        if self.window_seconds <= 0:
+            raise ValueError("--window_seconds must be positive")
         if self.max_batch_size < 1:
             raise ValueError("--max_batch_size must be at least 1")
         if self.allowed_lateness_seconds < 0:
             raise ValueError("--allowed_lateness_seconds must not be negative")
-        try:
-            buckets = self.buckets()
-        except ValueError:
-            raise ValueError("--length_buckets must be comma-separated integers") from None
-        if not buckets or buckets != sorted(buckets) or buckets[0] <= 0:
-            raise ValueError("--length_buckets must be increasing positive integers")
+        if self.direct_threads < 1:
+            raise ValueError("--direct_threads must be at least 1")
+        if self.direct_pubsub_max_messages < 1:
+            raise ValueError("--direct_pubsub_max_messages must be at least 1")
+        if not 10 <= self.pubsub_lease_seconds <= MAX_LEASE_SECONDS:
+            raise ValueError(f"--pubsub_lease_seconds must be 10..{MAX_LEASE_SECONDS}")
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("--redis_url must start with redis://, rediss:// or unix://")
         if self.inference == "tfserving" and ":" not in self.tfserving_target:

@@ -1,90 +1,98 @@
-"""The graph, top to bottom: read -> parse -> dedupe -> window -> infer -> Redis.
+"""The graph, top to bottom: read -> parse -> dedupe -> window -> infer -> Redis -> ack.
 
 ``run(argv)`` is what ``python -m pipeline`` calls; tests pass a
-``TestPipeline`` to build the very same graph.
+``TestPipeline`` to build the very same graph. What differs per runner is
+decided once, in ``pipeline/runners.py`` (see docs/architecture.md).
 """
 
-from __future__ import annotations
-
 import logging
+import signal
+import threading
 import time
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import GoogleCloudOptions, StandardOptions
+from apache_beam.options.pipeline_options import GoogleCloudOptions
 from apache_beam.transforms import window
 
-from pipeline import direct_executor, direct_pubsub, direct_specs
+from pipeline import runners
+from pipeline.direct_runner import ACK_ID_ATTRIBUTE
 from pipeline.options import SAMPLE_TWEETS, BertstreamOptions
 from transforms.dedupe import REPLAY_PREFIX, DedupeByTweetId
 from transforms.inference import RunSentiment, TokenCounter, local_handler
 from transforms.parse import ParseTweets
+from transforms.pubsub import (
+    SOURCE_PREFIX,
+    AcknowledgeMessages,
+    PullFromPubSub,
+    subscription_for_topic,
+)
+from transforms.records import Envelope, iso_from_seconds
 from transforms.redis_sink import WriteDeadLetters, WriteToRedis
 from transforms.windowing import WindowByEventTime
 
 _LOG = logging.getLogger(__name__)
 
 
-def read_lines(path: str) -> Iterator[tuple[str, bytes]]:
-    """``(FILE:LINE, bytes)`` for every non-blank line, undecoded (bad bytes
-    must reach ParseTweets, which dead-letters them with a reason)."""
+def read_lines(path: str) -> Iterator[Envelope]:
+    """An ``Envelope`` for every non-blank line, undecoded (bad bytes must
+    reach ParseTweets, which dead-letters them with a reason)."""
     with beam.io.filesystems.FileSystems.open(path) as f:
         for number, line in enumerate(f, start=1):
             line = line.rstrip(b"\r\n")
             if line.strip():
-                yield f"{path}:{number}", line
+                yield Envelope(f"{path}:{number}", line)
 
 
-def _pubsub_message(message) -> tuple[str, bytes]:
-    attributes = message.attributes or {}
-    source_id = f"pubsub:{message.message_id or attributes.get('tweet_id') or ''}"
+def envelope_of(message) -> Envelope:
+    """A Beam ``PubsubMessage`` (native or cross-language read) as an ``Envelope``;
+    on the adjusted DirectRunner its ack id travels in an attribute."""
+    attributes = dict(message.attributes or {})
+    ack_id = attributes.pop(ACK_ID_ATTRIBUTE, "")
+    source_id = f"{SOURCE_PREFIX}{message.message_id or attributes.get('tweet_id') or ''}"
     if attributes.get("replay"):  # set by pipeline.replay_deadletter
         source_id = f"{REPLAY_PREFIX}{attributes['replay']}/{source_id}"
-    return source_id, message.data
+    published = getattr(message, "publish_time", None)
+    return Envelope(source_id, message.data, ack_id,
+                    iso_from_seconds(published.timestamp()) if published else "")
 
 
 class ReadTweets(beam.PTransform):
-    """Raw ``(source_id, bytes)`` from Pub/Sub or a JSONL file.
+    """``Envelope``s from Pub/Sub or a JSONL file.
 
     Pub/Sub messages carry their event time in the ``event_ts`` attribute;
-    ``tweet_id`` is the dedupe ``id_label`` on runners that honour it
-    (Dataflow). On portable runners (Flink), where Python's native source
-    does not run, Beam's cross-language Java source is used.
+    how they are read depends on the runner (``pipeline/runners.py``).
     """
 
-    def __init__(self, options: BertstreamOptions):
+    def __init__(self, options: BertstreamOptions, profile: runners.RunnerProfile,
+                 subscription: Optional[str] = None):
         super().__init__()
         self._o = options
+        self._profile = profile
+        self._subscription = subscription or options.input_subscription
 
     def expand(self, p):
         o = self._o
-        runner = (o.view_as(StandardOptions).runner or "").lower()
-        on_direct = "direct" in runner or not runner
-        if on_direct:
-            # The job's timers put it on the bundle-based DirectRunner, which
-            # inspects every DoFn at every bundle (inspect each class once)
-            # and runs every bundle on one thread (give it more).
-            direct_specs.install()
-            direct_executor.install(o.direct_threads)
         if not o.is_pubsub:
             return (p | "InputFile" >> beam.Create([o.input_file or str(SAMPLE_TWEETS)])
-                    | "ReadLines" >> beam.FlatMap(read_lines))
-        if o.pubsub_read == "xlang" or (o.pubsub_read == "auto" and _is_portable(runner)):
+                    | "ReadLines" >> beam.FlatMap(read_lines).with_output_types(Envelope))
+        if self._profile.pubsub_read == runners.PULL:
+            return p | "PullPubSub" >> PullFromPubSub(
+                self._subscription, lease_seconds=o.pubsub_lease_seconds)
+        if self._profile.pubsub_read == runners.XLANG:
             from apache_beam.io.external.gcp.pubsub import ReadFromPubSub as XlangRead
 
             read = XlangRead(topic=o.input_topic, subscription=o.input_subscription,
                              with_attributes=True, timestamp_attribute="event_ts",
                              id_label="tweet_id", expansion_service=self._expansion_service())
-        else:
-            if on_direct:
-                direct_pubsub.install()  # larger bundles than Beam's 10 messages
+        else:  # Beam's own read, as the runner implements it
+            topic = None if self._subscription else o.input_topic
             read = beam.io.ReadFromPubSub(
-                topic=o.input_topic, subscription=o.input_subscription,
-                with_attributes=True, timestamp_attribute="event_ts",
-                # The DirectRunner refuses id_label; DedupeByTweetId covers it there.
-                id_label="tweet_id" if "dataflow" in runner else None)
-        return p | "ReadPubSub" >> read | "MessageBytes" >> beam.Map(_pubsub_message)
+                topic=topic, subscription=self._subscription, with_attributes=True,
+                timestamp_attribute="event_ts", id_label=self._profile.id_label)
+        return (p | "ReadPubSub" >> read
+                | "MessageBytes" >> beam.Map(envelope_of).with_output_types(Envelope))
 
     # Beam's own key for the GCP expansion service in --beam_services.
     GCP_EXPANSION_TARGET = ":sdks:java:io:google-cloud-platform:expansion-service:shadowJar"
@@ -107,10 +115,6 @@ class ReadTweets(beam.PTransform):
         return given or BeamJarExpansionService(target)
 
 
-def _is_portable(runner: str) -> bool:
-    return any(name in runner for name in ("flink", "portable", "spark", "prism"))
-
-
 def model_handler(o: BertstreamOptions):
     if o.inference == "tfserving":
         from transforms.tfserving import tfserving_handler
@@ -126,55 +130,114 @@ class Outputs(NamedTuple):
 
 def build(p: beam.Pipeline, o: BertstreamOptions, handler=None) -> Outputs:
     """Adds the whole job to ``p``. ``handler`` overrides the model handler (tests)."""
-    raw = p | "ReadTweets" >> ReadTweets(o)
+    profile = profile_of(o)
+    profile.install(o)
+    subscription = o.input_subscription
+    if o.input_topic and profile.acknowledges_in_graph:
+        subscription = subscription_for_topic(o.input_topic)
+    raw = p | "ReadTweets" >> ReadTweets(o, profile, subscription)
     parsed = raw | "ParseTweets" >> ParseTweets(timestamp_from_created_at=not o.is_pubsub)
-    tweets = (parsed.tweets
-              | "DedupeByTweetId" >> DedupeByTweetId(o.dedupe_ttl_seconds)
-              | "WindowByEventTime" >> WindowByEventTime(o.window_seconds,
-                                                         o.allowed_lateness_seconds))
+    deduped = parsed.tweets | "DedupeByTweetId" >> DedupeByTweetId(
+        o.dedupe_ttl_seconds, profile.dedupe_shards)
+    tweets = deduped.tweets | "WindowByEventTime" >> WindowByEventTime(
+        o.window_seconds, o.allowed_lateness_seconds, profile.late_shards)
     results, inference_dead = tweets | "RunSentiment" >> RunSentiment(
-        handler or model_handler(o), o.max_batch_size, o.max_batch_wait_seconds, o.buckets(),
-        TokenCounter.for_model(o.model_dir))
-    sink_dead = results | "WriteToRedis" >> WriteToRedis(o.redis_config())
+        handler or model_handler(o), o.max_batch_size, TokenCounter.for_model(o.model_dir))
+    written = results | "WriteToRedis" >> WriteToRedis(o.redis_config())
     # Dead letters come from differently windowed stages; the sink ignores windows.
     dead = ([pc | f"{name}Global" >> beam.WindowInto(window.GlobalWindows())
              for name, pc in (("ParseDeadLetters", parsed.dead_letter),
                               ("InferenceDeadLetters", inference_dead),
-                              ("SinkDeadLetters", sink_dead))]
+                              ("SinkDeadLetters", written.dead_letters))]
             | "AllDeadLetters" >> beam.Flatten())
-    dead | "WriteDeadLetters" >> WriteDeadLetters(o.redis_config())
+    dead_written = dead | "WriteDeadLetters" >> WriteDeadLetters(o.redis_config())
+    if o.is_pubsub and profile.acknowledges_in_graph:
+        # Every input's end (written, dead-lettered, skipped as a copy) is
+        # acknowledged only now: a job killed before loses nothing.
+        ([pc | f"{name}Global" >> beam.WindowInto(window.GlobalWindows())
+          for name, pc in (("ResultAcks", written.acks), ("DeadLetterAcks", dead_written),
+                           ("SkippedAcks", deduped.skipped))]
+         | "AllEnds" >> beam.Flatten()
+         | "AcknowledgeMessages" >> AcknowledgeMessages(subscription))
     return Outputs(results, dead)
 
 
-def make_options(argv: list[str] | None) -> BertstreamOptions:
-    options = BertstreamOptions(argv)
-    o = options.view_as(BertstreamOptions)
-    o.validate_flags()
+def make_options(argv: Optional[list[str]]) -> BertstreamOptions:
+    """Parses and checks the flags, with the runner profile's own flags added."""
+    argv = list(argv or [])
+    first = BertstreamOptions(argv).view_as(BertstreamOptions)
+    first.validate_flags()
+    o = BertstreamOptions(argv + profile_of(first).flags(argv)).view_as(BertstreamOptions)
     o.apply_implied()
-    runner = (o.view_as(StandardOptions).runner or "").lower()
-    if "dataflow" in runner and not o.view_as(GoogleCloudOptions).project:
+    if "dataflow" in runners.runner_name(o).lower() and not o.view_as(GoogleCloudOptions).project:
         raise ValueError("--project is required on Dataflow")
     return o
 
 
-def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None,
-        handler=None):
+def profile_of(o: BertstreamOptions) -> runners.RunnerProfile:
+    parallelism = o.get_all_options(retain_unknown_options=True).get("parallelism") or 1
+    return runners.profile_for(o, o.is_pubsub, int(parallelism), o.pubsub_read,
+                               o.direct_optimizations)
+
+
+def run(argv: Optional[list[str]] = None, test_pipeline: Optional[beam.Pipeline] = None,
+        handler=None, options: Optional[BertstreamOptions] = None):
     """Builds and runs the job; returns ``(PipelineResult, seconds)``.
 
-    With a Pub/Sub source the job runs until it is cancelled (Ctrl-C).
+    With a Pub/Sub source the job runs until it is cancelled: Ctrl-C (SIGINT)
+    or SIGTERM (what Kubernetes sends) cancel it cleanly and return.
     """
-    o = make_options(argv)
+    o = options or make_options(argv)
     p = test_pipeline or beam.Pipeline(options=o)
     build(p, o, handler)
     started = time.monotonic()
     result = p.run()
     if test_pipeline is None:
+        wait_or_cancel(result)
+    return result, time.monotonic() - started
+
+
+def wait_or_cancel(result, cancel_timeout_s: float = 60.0) -> None:
+    """Waits for the job to end; on SIGINT or SIGTERM, cancels it and waits
+    for the runner to say it ended.
+
+    Beam's portable runners stop their job server on SIGINT before the
+    program hears of it, so the job could not be cancelled any more; these
+    handlers, installed once the job runs, replace that.
+    """
+    from apache_beam.runners.runner import PipelineState
+
+    finished = threading.Event()
+    failure: list[BaseException] = []
+
+    def wait():
         try:
             result.wait_until_finish()
-        except KeyboardInterrupt:
-            _LOG.info("interrupted: cancelling the job")
-            try:
-                result.cancel()
-            except (NotImplementedError, RuntimeError) as err:
-                _LOG.warning("cancel: %s", err)
-    return result, time.monotonic() - started
+        except Exception as err:  # noqa: BLE001 - re-raised in the main thread
+            failure.append(err)
+        finally:
+            finished.set()
+
+    stop = threading.Event()
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handlers[sig] = signal.signal(sig, lambda signum, frame: stop.set())
+    threading.Thread(target=wait, name="bertstream-wait", daemon=True).start()
+    try:
+        while not finished.wait(0.2):
+            if stop.is_set():
+                _LOG.info("stopping: cancelling the job")
+                try:
+                    result.cancel()
+                except (NotImplementedError, RuntimeError, ValueError) as err:
+                    _LOG.warning("cancel: %s", err)
+                if not finished.wait(cancel_timeout_s):
+                    _LOG.warning("the job did not end within %.0f s of cancelling",
+                                 cancel_timeout_s)
+                break
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    if failure and not (stop.is_set() and result.state == PipelineState.CANCELLED):
+        raise failure[0]

@@ -1,13 +1,10 @@
-"""The end-of-run summary, read back from the job's Beam metrics."""
-
-from __future__ import annotations
+"""The end-of-run summary, read back from the job's Beam metrics and the
+sink's totals in Redis."""
 
 import json
 from typing import NamedTuple
 
 from apache_beam.metrics.metric import MetricsFilter
-
-from transforms.inference import BatchStats
 
 
 class Summary(NamedTuple):
@@ -39,8 +36,8 @@ def _counter(metrics, namespace: str, name: str) -> int:
 
 def collect(result, seconds: float, before: dict[str, int], after: dict[str, int]) -> Summary:
     """Reads the job's Beam counters, and the sink's totals in Redis
-    (``before``/``after`` the run) for what was written: those are exact on
-    every runner, where the DirectRunner loses some counter updates."""
+    (``before``/``after`` the run) for what was written: those count each
+    tweet once, where a runner that retries a bundle may count it again."""
     m = result.metrics()
     parsed = _counter(m, "ParseTweets", "parsed")
     parse_dead = _counter(m, "ParseTweets", "dead_lettered")
@@ -56,20 +53,15 @@ def collect(result, seconds: float, before: dict[str, int], after: dict[str, int
             count += value.count
             total += value.sum
             biggest = max(biggest, value.max)
-    real = _counter(m, "RunSentiment", "estimated_real_tokens")
-    padded = _counter(m, "RunSentiment", "estimated_padded_tokens")
-    if BatchStats.elements > total:
-        # In-process runners (DirectRunner) lose some metric updates; this
-        # process saw the batches itself.
-        count, total, biggest = BatchStats.batches, BatchStats.elements, BatchStats.largest
-        real, padded = BatchStats.real_tokens, BatchStats.padded_tokens
+    real = _counter(m, "RunSentiment", "real_tokens")
+    padded = _counter(m, "RunSentiment", "padded_tokens")
     return Summary(
         read=parsed + parse_dead,
         results=delta("results"),
         already_written=delta("already_written"),
         duplicates_skipped=_counter(m, "DedupeByTweetId", "duplicates_skipped"),
         dead_lettered=delta("dead_letters"),
-        late=_counter(m, "WindowByEventTime", "late_tweets"),
+        late=delta("late"),
         seconds=seconds,
         mean_batch_size=total / count if count else 0.0,
         max_batch_size=biggest,

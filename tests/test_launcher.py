@@ -45,10 +45,20 @@ def test_flink_dry_run_resolves_every_flag_without_secrets(tmp_path, tiny_model_
     assert options["streaming"] is True
     assert options["environment_type"] == "LOOPBACK"
     assert options["checkpointing_interval"] == "10000"  # on by default
-    assert options["flink_job_server_jar"].endswith("job-server-2.62.0.jar")
+    assert options["flink_job_server_jar"].endswith("job-server-2.70.0.jar")
     assert options["redis_url"] == "redis://bertstream:***@redis:6379/0"
-    assert options["max_batch_wait_seconds"] == 0.5  # Flink fires timers on time
-    services = options["beam_services"]
+    # Pub/Sub through the job's own pull source: no expansion service.
+    assert not options.get("beam_services") and out["expansion_service_jar"] is None
+    assert options["max_bundle_time_mills"] == "250"  # batches are cut from bundles
+
+
+@pytest.mark.timeout(120)
+def test_flink_dry_run_with_the_java_pubsub_read(tiny_model_dir):
+    done = launcher("flink", "--dry_run", "--flink_master=[local]", "--pubsub_read=xlang",
+                    f"--input_subscription={SUBSCRIPTION}", f"--model_dir={tiny_model_dir}")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    services = out["options"]["beam_services"]
     assert list(services.values()) == ["127.0.0.1:<port chosen at start>"]
     assert out["java_environment_type"] == "EMBEDDED"
 
@@ -58,10 +68,10 @@ def test_flink_dry_run_for_a_cluster_stages_the_setup_file(tiny_model_dir):
     done = launcher("flink", "--dry_run", "--flink_master=flink-rest:8081",
                     "--environment_type=EXTERNAL", "--environment_config=localhost:50000",
                     "--parallelism=4", "--checkpointing_interval_ms=60000",
-                    f"--model_dir={tiny_model_dir}", "--max_batch_wait_seconds=2")
+                    f"--model_dir={tiny_model_dir}", "--max_bundle_time_mills=1000")
     assert done.returncode == 0, done.stderr
     options = json.loads(done.stdout)["options"]
-    assert options["max_batch_wait_seconds"] == 2  # given: kept
+    assert options["max_bundle_time_mills"] == "1000"  # given: kept
     assert options["setup_file"] == str(ROOT / "setup.py")
     assert options["parallelism"] == 4
     assert options["checkpointing_interval"] == "60000"
@@ -89,7 +99,6 @@ def test_dataflow_dry_run_and_job_description(tmp_path, tiny_model_dir):
     assert options["enable_streaming_engine"] is True
     assert options["setup_file"] == str(ROOT / "setup.py")
     assert options["max_num_workers"] == 3
-    assert options["max_batch_wait_seconds"] == 0.5  # small bundles: a longer wait
 
     description = json.loads(job_file.read_text())
     assert description["job"]["type"] == "JOB_TYPE_STREAMING"

@@ -10,7 +10,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from transforms.parse import MAX_TEXT_CHARS, ParseError, ParseTweets, parse_tweet
-from transforms.records import DeadLetter, Result
+from transforms.records import DeadLetter, Envelope, Result
 
 
 def _tweet(**fields) -> bytes:
@@ -86,13 +86,16 @@ def test_result_json_contract():
 
 
 def test_parse_tweets_transform_splits_outputs():
-    inputs = [("f:1", _tweet(id="1", text="good")), ("f:2", b"{bad"),
-              ("f:3", _tweet(id="2", text="   ")), ("f:4", _tweet(id="3", created_at="yesterday")),
-              ("f:5", _tweet(id="4", created_at=...))]
+    inputs = [Envelope("f:1", _tweet(id="1", text="good", created_at="2026-11-20T10:00:02.417Z")),
+              Envelope("f:2", b"{bad"), Envelope("f:3", _tweet(id="2", text="   ")),
+              Envelope("f:4", _tweet(id="3", created_at="yesterday")),
+              Envelope("f:5", _tweet(id="4", created_at=...))]
     with TestPipeline() as p:
         out = p | beam.Create(inputs) | ParseTweets(timestamp_from_created_at=True)
-        assert_that(out.tweets | "Ids" >> beam.Map(lambda t: (t.tweet_id, t.source_id)),
-                    equal_to([("1", "f:1")]), label="tweets")
+        # A file's event time is created_at, to the millisecond, in the record.
+        assert_that(out.tweets | "Ids" >> beam.Map(
+                        lambda t: (t.tweet_id, t.source_id, t.event_time)),
+                    equal_to([("1", "f:1", "2026-11-20T10:00:02.417Z")]), label="tweets")
         assert_that(out.dead_letter | "Reasons" >> beam.Map(lambda d: (d.source_id, d.stage)),
                     equal_to([("f:2", "parse"), ("f:3", "parse"), ("f:4", "parse"),
                               ("f:5", "parse")]), label="dead")

@@ -53,8 +53,7 @@ def _event_ts(i: int) -> str:
 
 def _start_streaming_job(subscription: str, redis_url: str, model_dir: Path):
     options = make_options(["--runner=DirectRunner", "--input_subscription", subscription,
-                            "--redis_url", redis_url, "--model_dir", str(model_dir),
-                            "--max_batch_wait_seconds", "0.2"])
+                            "--redis_url", redis_url, "--model_dir", str(model_dir)])
     pipeline = beam.Pipeline(options=options)
     build(pipeline, options)
     return pipeline.run()
@@ -115,6 +114,13 @@ def test_streaming_job_scores_every_tweet_once(pubsub_names, redis_url, tiny_mod
         assert body["label"] in ("negative", "neutral", "positive")
         assert abs(sum(body["probabilities"].values()) - 1) < 1e-4
         assert body["window_end"] > body["window_start"]
+    # event_time is the message's event_ts to the millisecond (not its window's end).
+    sent = {t["id"]: t["created_at"] for t in tweets}
+    for _, fields in client.xrange("sentiment:results"):
+        body = json.loads(fields[b"result"])
+        assert body["event_time"] == sent[body["tweet_id"]]
+        assert body["window_start"] <= body["event_time"] < body["window_end"]
+        assert body["published_at"]  # the Pub/Sub publish time
     dead = client.xrange("sentiment:deadletter")
     assert len(dead) == len(BAD_INPUTS)
     assert {f[b"stage"] for _, f in dead} == {b"parse"}
@@ -210,7 +216,7 @@ def test_bad_flags_fail_with_the_flag_named(tmp_path):
              (["--max_batch_size", "0"], "--max_batch_size"),
              (["--input_topic", "projects/p/topics/t", "--input_file", "x"], "at most one"),
              (["--redis_url", "http://x"], "--redis_url"),
-             (["--length_buckets", "8,4"], "--length_buckets")]
+             (["--pubsub_lease_seconds", "5"], "--pubsub_lease_seconds")]
     for args, expected in cases:
         proc = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT,
                               capture_output=True, text=True, timeout=60)

@@ -1,27 +1,39 @@
-"""TestStream: windows, late data, dedupe across windows and batch bounds,
-with the watermark and processing time moved by hand, on the real tiny model."""
+"""TestStream: windows, late data, dedupe and batching across windows, with the
+watermark moved by hand, on the real tiny model and a real redis-server.
 
-from __future__ import annotations
+Messages enter as Pub/Sub would deliver them (``Envelope``s stamped with
+their event time) and go through the job's own steps from ParseTweets to
+WriteToRedis, so ``event_time``, the window fields, the per-window counts in
+Redis and the late counts are all checked as a user would see them.
+"""
+
+import json
+import random
 
 import apache_beam as beam
 import pytest
+from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.transforms.window import TimestampedValue
 
 from transforms.dedupe import DedupeByTweetId
-from transforms.inference import BatchStats, RunSentiment, local_handler
-from transforms.records import Tweet, iso_from_seconds
+from transforms.inference import RunSentiment, TokenCounter, local_handler
+from transforms.parse import ParseTweets
+from transforms.records import Envelope, Tweet, iso_from_seconds
+from transforms.redis_sink import RedisConfig, WriteToRedis
 from transforms.windowing import WindowByEventTime
 
 T0 = 1_795_000_000  # a whole multiple of 2 s, so windows start at T0, T0+2, ...
+WINDOW = 2.0
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
-def tweet(tweet_id: str, text: str = "a perfectly ordinary day") -> Tweet:
-    return Tweet(tweet_id, text, None, None, "en", "{}", f"test:{tweet_id}")
+def message(tweet_id: str, seconds: float, text: str = "a perfectly ordinary day"):
+    body = json.dumps({"id": tweet_id, "text": text, "lang": "en"}).encode()
+    return TimestampedValue(Envelope(f"pubsub:{tweet_id}-{seconds}", body), seconds)
 
 
 def _streaming_pipeline() -> TestPipeline:
@@ -30,24 +42,23 @@ def _streaming_pipeline() -> TestPipeline:
     return TestPipeline(options=options)
 
 
-def _job(tweets, model_dir, max_batch_size=64, wait=0.5, window_seconds=2.0, lateness=3600,
-         dedupe_shards=None):
-    windowed = (tweets
-                | DedupeByTweetId(ttl_seconds=600, shards=dedupe_shards)
-                | WindowByEventTime(window_seconds, lateness))
-    results, dead = windowed | RunSentiment(local_handler(str(model_dir)), max_batch_size, wait)
+def _job(p, stream, model_dir, redis_url=None, max_batch_size=64, dedupe_shards=0):
+    """ParseTweets -> DedupeByTweetId -> WindowByEventTime -> RunSentiment (->
+    WriteToRedis): the job's graph after its source."""
+    parsed = p | stream | ParseTweets()
+    tweets = (parsed.tweets
+              | DedupeByTweetId(ttl_seconds=600, shards=dedupe_shards)).tweets | WindowByEventTime(
+                  WINDOW, 3600)
+    results, dead = tweets | RunSentiment(local_handler(str(model_dir)), max_batch_size,
+                                          TokenCounter.for_model(str(model_dir)))
+    if redis_url:
+        results | WriteToRedis(RedisConfig(url=redis_url))
     return results, dead
-
-
-def _summary(result):
-    return (result.tweet_id, result.window_start, result.late)
 
 
 class _Collect(beam.DoFn):
     """Records what reaches it, per test, in this process (the DirectRunner
-    runs in-process). ``assert_that`` is not used here: with the job's late
-    trigger it checks each pane on its own, and the Python DirectRunner does
-    not hold its watermark for output of the batching timers."""
+    runs in-process)."""
 
     seen: dict[str, list] = {}
 
@@ -58,106 +69,154 @@ class _Collect(beam.DoFn):
         _Collect.seen.setdefault(self._name, []).append(self._fn(element))
 
 
-def _collect(pcoll, name, fn=_summary):
+def _collect(pcoll, name, fn):
     _Collect.seen[name] = []
     pcoll | f"Collect{name}" >> beam.ParDo(_Collect(name, fn))
 
 
-def test_window_assignment(tiny_model_dir):
+def _fields(result):
+    return (result.tweet_id, result.event_time, result.window_start, result.window_end,
+            result.late)
+
+
+def _batch_sizes(pipeline_result):
+    found = pipeline_result.metrics().query(
+        MetricsFilter().with_namespace("RunSentiment").with_name("batch_size"))
+    values = [d.committed or d.attempted for d in found["distributions"]]
+    return [v for v in values if v is not None and v.count]
+
+
+def test_event_time_and_window_fields(tiny_model_dir):
+    """``event_time`` is the tweet's own time to the millisecond (not its
+    window's end), for tweets that share a window and for late ones."""
     stream = (TestStream()
               .advance_watermark_to(T0)
-              .add_elements([TimestampedValue(tweet("1"), T0 + 0.5),
-                             TimestampedValue(tweet("2"), T0 + 1.9),
-                             TimestampedValue(tweet("3"), T0 + 2.0),
-                             TimestampedValue(tweet("4"), T0 + 5.5)])
+              .add_elements([message("1", T0 + 0.417), message("2", T0 + 1.999),
+                             message("3", T0 + 2.0), message("4", T0 + 5.5)])
+              .advance_watermark_to(T0 + 10)
+              .add_elements([message("5", T0 + 1.25)])  # late: [T0, T0+2) has closed
               .advance_watermark_to_infinity())
     with _streaming_pipeline() as p:
-        results, dead = _job(p | stream, tiny_model_dir)
-        _collect(results, "results")
+        results, dead = _job(p, stream, tiny_model_dir)
+        _collect(results, "results", _fields)
         _collect(dead, "dead", lambda d: d)
+    w = iso_from_seconds
     assert sorted(_Collect.seen["results"]) == [
-        ("1", iso_from_seconds(T0), False), ("2", iso_from_seconds(T0), False),
-        ("3", iso_from_seconds(T0 + 2), False), ("4", iso_from_seconds(T0 + 4), False)]
+        ("1", w(T0 + 0.417), w(T0), w(T0 + 2), False),
+        ("2", w(T0 + 1.999), w(T0), w(T0 + 2), False),
+        ("3", w(T0 + 2.0), w(T0 + 2), w(T0 + 4), False),
+        ("4", w(T0 + 5.5), w(T0 + 4), w(T0 + 6), False),
+        ("5", w(T0 + 1.25), w(T0), w(T0 + 2), True)]
     assert _Collect.seen["dead"] == []
 
 
-def test_late_tweets_are_scored_and_flagged(tiny_model_dir):
-    stream = (TestStream()
-              .advance_watermark_to(T0)
-              .add_elements([TimestampedValue(tweet("on-time"), T0 + 1)])
-              # The watermark passes the end of [T0, T0+2): the window closes.
-              .advance_watermark_to(T0 + 10)
-              .add_elements([TimestampedValue(tweet("late"), T0 + 1.5),
-                             TimestampedValue(tweet("fresh"), T0 + 10.5)])
-              .advance_watermark_to_infinity())
+def _expected(schedule):
+    """What the job must report for a schedule of ``(watermark, [(id, ts)])``
+    steps: each tweet's window, and whether it is late. A tweet is late when
+    the watermark had passed its window's end before it arrived, and its
+    window had seen a tweet before the watermark passed (the lateness flag is
+    observed with a per-window timer: a window whose first tweet is already
+    late is only known to be late from its second tweet on)."""
+    seen_open: set[float] = set()   # windows that got a tweet while open
+    closed_known: set[float] = set()
+    out = {}
+    for watermark, tweets in schedule:
+        # The end-of-window timers of windows seen so far fire at this step.
+        closed_known |= {s for s in seen_open if s + WINDOW <= watermark}
+        for tweet_id, ts in tweets:
+            start = ts - (ts - T0) % WINDOW
+            late = start in closed_known
+            out[tweet_id] = (iso_from_seconds(ts), iso_from_seconds(start),
+                             iso_from_seconds(start + WINDOW), late)
+            if not late:
+                seen_open.add(start)
+    return out
+
+
+def test_many_windows_results_counts_and_late_counts_in_redis(tiny_model_dir, redis_url):
+    """Tweets over 40 windows, in shuffled order, some arriving after their
+    window closed: every result's window fields and late flag, the per-window
+    counts in Redis and the late count are what event time says, although
+    inference batches mix windows.
+
+    ``_expected`` was also checked against the job as it was before batches
+    crossed windows (commit b026848, batches keyed per window and length
+    bucket): on this schedule it gave the same window and late flag for all
+    105 tweets (32 late)."""
+    import redis
+
+    rng = random.Random(7)
+    schedule, watermark, n = [], T0, 0
+    for step in range(20):
+        tweets = []
+        for _ in range(rng.randint(3, 8)):
+            n += 1
+            # Mostly near the watermark, some far behind it (late).
+            behind = rng.choice([0, 0, 0, 1, 2, 10, 30])
+            ts = max(T0, watermark - behind + rng.random() * 4)
+            tweets.append((f"t{n}", round(ts, 3)))
+        rng.shuffle(tweets)
+        schedule.append((watermark, tweets))
+        watermark += 4
+    stream = TestStream()
+    for watermark, tweets in schedule:
+        stream = stream.advance_watermark_to(watermark).add_elements(
+            [message(i, ts, "some words " * (1 + int(ts) % 5)) for i, ts in tweets])
+    stream = stream.advance_watermark_to_infinity()
+    expected = _expected(schedule)
+
     with _streaming_pipeline() as p:
-        results, _ = _job(p | stream, tiny_model_dir)
-        _collect(results, "results")
-    assert sorted(_Collect.seen["results"]) == sorted([
-        ("on-time", iso_from_seconds(T0), False),
-        ("late", iso_from_seconds(T0), True),
-        ("fresh", iso_from_seconds(T0 + 10), False)])
+        results, _ = _job(p, stream, tiny_model_dir, redis_url, max_batch_size=16)
+        _collect(results, "results", _fields)
+    result = p.result
+
+    got = {r[0]: r[1:] for r in _Collect.seen["results"]}
+    assert got == expected
+    assert sum(late for *_, late in expected.values()) >= 5  # the input does have late tweets
+    client = redis.Redis.from_url(redis_url)
+    # The late count the summary reports (the legacy DirectRunner loses
+    # metric updates of later bundles, so the sink counts it in Redis).
+    assert int(client.hget("sentiment:stats", "late")) == sum(
+        late for *_, late in expected.values())
+    windows: dict[str, int] = {}
+    for _, start, _, _ in expected.values():
+        windows[start] = windows.get(start, 0) + 1
+    for start, count in windows.items():
+        counts = client.hgetall(f"sentiment:window:{start}")
+        assert sum(int(v) for v in counts.values()) == count, start
+    assert len(windows) >= 30
+    del result
 
 
-@pytest.mark.parametrize("shards", [None, 0], ids=["sharded", "per-id"])
+@pytest.mark.parametrize("shards", [0, 16], ids=["per-id", "sharded"])
 def test_dedupe_across_windows(tiny_model_dir, shards):
     stream = (TestStream()
               .advance_watermark_to(T0)
-              .add_elements([TimestampedValue(tweet("7"), T0 + 0.5)])
+              .add_elements([message("7", T0 + 0.5)])
               .advance_watermark_to(T0 + 6)
               # The same id again, three windows later (a redelivery).
-              .add_elements([TimestampedValue(tweet("7"), T0 + 6.5),
-                             TimestampedValue(tweet("8"), T0 + 6.5)])
+              .add_elements([message("7", T0 + 6.5), message("8", T0 + 6.5)])
               .advance_watermark_to_infinity())
     with _streaming_pipeline() as p:
-        results, _ = _job(p | stream, tiny_model_dir, dedupe_shards=shards)
+        results, _ = _job(p, stream, tiny_model_dir, dedupe_shards=shards)
         _collect(results, "ids", lambda r: r.tweet_id)
     assert sorted(_Collect.seen["ids"]) == ["7", "8"]
 
 
-def test_batches_respect_max_size_and_stay_in_their_window(tiny_model_dir):
-    BatchStats.reset()
-    same_length = [TimestampedValue(tweet(f"a{i}", "the same length text here"), T0 + 0.1 * i)
-                   for i in range(7)]
-    other_window = [TimestampedValue(tweet(f"b{i}", "the same length text here"), T0 + 2.5)
-                    for i in range(2)]
+def test_batches_respect_max_size_and_cross_windows(tiny_model_dir):
+    """Nine tweets of one bundle in three windows, max 4: batches of 4, 4
+    and 1, not one or more per window."""
     stream = (TestStream()
               .advance_watermark_to(T0)
-              .add_elements(same_length + other_window)
+              .add_elements([message(f"a{i}", T0 + 0.7 * i, "the same length text here")
+                             for i in range(9)])
               .advance_watermark_to_infinity())
     with _streaming_pipeline() as p:
-        results, _ = _job(p | stream, tiny_model_dir, max_batch_size=3, wait=60)
+        results, _ = _job(p, stream, tiny_model_dir, max_batch_size=4)
         _collect(results, "windows", lambda r: r.window_start)
-    assert sorted(_Collect.seen["windows"]) == (
-        [iso_from_seconds(T0)] * 7 + [iso_from_seconds(T0 + 2)] * 2)
-    # 7 tweets in one window with max 3 -> 3, 3, 1; 2 in the next window -> 2.
-    assert BatchStats.elements == 9
-    assert BatchStats.largest <= 3
-    assert sorted(BatchStats.sizes) == [1, 2, 3, 3]
-
-
-def test_tweets_from_separate_bundles_share_a_batch(tiny_model_dir):
-    """Two bundles, one window and length bucket: one batch. Beam's batching
-    key used to change from bundle to bundle (see ``_stable_batch_keys``),
-    which made this [1, 1].
-
-    The processing-time bound (``--max_batch_wait_seconds``) cannot be shown
-    with a TestStream: Beam sets that timer from the wall clock and the test
-    clock starts at 0. ``tests/test_direct_pubsub.py`` shows it on the
-    emulator, with batches flushed by the wait inside a one-hour window.
-    """
-    BatchStats.reset()
-    stream = (TestStream()
-              .advance_watermark_to(T0)
-              .add_elements([TimestampedValue(tweet("w1"), T0 + 1)])
-              .add_elements([TimestampedValue(tweet("w2"), T0 + 2)])
-              .advance_watermark_to_infinity())
-    with _streaming_pipeline() as p:
-        results, _ = _job(p | stream, tiny_model_dir, max_batch_size=64, wait=60,
-                          window_seconds=3600)
-        _collect(results, "ids", lambda r: r.tweet_id)
-    assert sorted(_Collect.seen["ids"]) == ["w1", "w2"]
-    assert BatchStats.sizes == [2]
+    assert len(set(_Collect.seen["windows"])) == 3
+    (sizes,) = _batch_sizes(p.result)
+    assert (sizes.count, sizes.sum, sizes.max) == (3, 9, 4)
 
 
 class _SetState:
@@ -194,55 +253,47 @@ class _Timer:
         self.at = at
 
 
-def test_sharded_dedupe_forgets_an_id_after_two_rotations():
-    """The sharded layout's generations, with the DoFn called directly (a
-    TestStream cannot drive its wall-clock timer: the test clock starts at 0)."""
-    from transforms.dedupe import _ShardedDedupeFn
+def _tweet(tweet_id: str) -> Tweet:
+    return Tweet(tweet_id, "text", None, None, "en", "{}", f"test:{tweet_id}",
+                 ack_id=f"ack-{tweet_id}")
 
-    fn = _ShardedDedupeFn(ttl_seconds=10)
+
+def test_sharded_dedupe_forgets_an_id_after_two_rotations():
+    """The sharded layout's generations, with the DoFn called directly."""
+    from apache_beam.utils.timestamp import Timestamp
+
+    from transforms.dedupe import SKIPPED, _FirstPerIdShardedFn
+
+    fn = _FirstPerIdShardedFn(ttl_seconds=10)
     current, previous, armed, timer = _SetState(), _SetState(), _ValueState(), _Timer()
+    now = Timestamp.of(T0)
 
     def offer(tweet_id):
-        return list(fn.process((0, tweet(tweet_id)), current, previous, armed, timer))
+        return list(fn.process((0, _tweet(tweet_id)), now, current, previous, armed, timer))
 
-    assert len(offer("9")) == 1 and timer.at is not None
-    assert offer("9") == []  # duplicate within the generation
-    fn.rotate(current, previous, armed, timer)
-    assert offer("9") == []  # still remembered in the previous generation
-    fn.rotate(current, previous, armed, timer)
-    assert len(offer("9")) == 1  # forgotten after ttl: state stays bounded
-    fn.rotate(current, previous, armed, timer)
-    fn.rotate(current, previous, armed, timer)
+    assert len(offer("9")) == 1 and timer.at == now + 5
+    (skipped,) = offer("9")  # duplicate within the generation: its ack id goes on
+    assert (skipped.tag, skipped.value) == (SKIPPED, "ack-9")
+    fn.rotate(timer.at, current, previous, armed, timer)
+    assert [o.tag for o in offer("9")] == [SKIPPED]  # remembered in the previous generation
+    fn.rotate(timer.at, current, previous, armed, timer)
+    out = offer("9")
+    assert len(out) == 1 and isinstance(out[0], Tweet)  # forgotten after ttl: state stays bounded
+    fn.rotate(timer.at, current, previous, armed, timer)
+    fn.rotate(timer.at, current, previous, armed, timer)
     assert current.items == set() and previous.items == set() and armed.read() is None
 
 
 def test_per_id_dedupe_expiry_clears_its_key():
-    from transforms.dedupe import _DedupeFn
+    from apache_beam.utils.timestamp import Timestamp
 
-    fn = _DedupeFn(ttl_seconds=10)
+    from transforms.dedupe import _FirstPerIdFn
+
+    fn = _FirstPerIdFn(ttl_seconds=10)
     seen, timer = _ValueState(), _Timer()
-    assert len(list(fn.process(("9", tweet("9")), seen, timer))) == 1
-    assert list(fn.process(("9", tweet("9")), seen, timer)) == []
+    now = Timestamp.of(T0)
+    assert list(fn.process(("9", _tweet("9")), now, seen, timer)) == [_tweet("9")]
+    assert timer.at == now + 10  # event time: the tweet's own time plus the TTL
+    assert [o.value for o in fn.process(("9", _tweet("9")), now, seen, timer)] == ["ack-9"]
     fn.expire(seen)
-    assert len(list(fn.process(("9", tweet("9")), seen, timer))) == 1
-
-
-def test_the_batching_key_is_one_per_process():
-    # Beam keys batches by a per-process UUID from a Shared handle that keeps
-    # only the last acquired object alive; transforms.inference pins one.
-    import gc
-
-    from apache_beam.transforms import util
-    from apache_beam.utils.shared import Shared
-
-    import transforms.inference  # noqa: F401  installs the pinned key
-
-    first = util.WithLengthBucketKey(len, [10])
-    first.setup()
-    key = first.key
-    del first
-    Shared().acquire(lambda: util.SharedKey(), "something else")  # evicts the keepalive
-    gc.collect()
-    second = util.WithLengthBucketKey(len, [10])
-    second.setup()
-    assert second.key == key
+    assert list(fn.process(("9", _tweet("9")), now, seen, timer)) == [_tweet("9")]

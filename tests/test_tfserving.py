@@ -271,9 +271,9 @@ def test_server_down_for_good_sends_tweets_to_the_dead_letter(tmp_path, redis_ur
     from transforms.tfserving import tfserving_handler
 
     down = serve(tiny_model_dir, free_port())
-    # One length bucket: one batch, so the test waits for one backoff only.
+    # One batch (a file is one bundle), so the test waits for one backoff only.
     argv = _argv(_tweets_file(tmp_path), redis_url, tiny_model_dir, "--inference",
-                 "tfserving", "--tfserving_target", down.target, "--length_buckets", "1000")
+                 "tfserving", "--tfserving_target", down.target)
     handler = tfserving_handler(make_options(argv), num_retries=1, throttle_delay_secs=1)
     down.stop(None)  # after the start-up check: nothing listens there any more
 
@@ -299,7 +299,7 @@ def test_a_batch_that_outlives_its_retries_is_not_retried_element_by_element(
                     fail_code="RESOURCE_EXHAUSTED")
     try:
         inner = TFServingModelHandler(failing.target, num_retries=1, throttle_delay_secs=1)
-        handler = LengthBatchedHandler(inner, max_batch_size=8, max_batch_wait_seconds=1)
+        handler = LengthBatchedHandler(inner)
         client = handler.load_model()
         out = handler.run_inference([t.encode() for t in TEXTS[:8]], client)
         client.close()
@@ -316,7 +316,7 @@ def test_a_bad_element_fails_alone_without_retries(peer):
     from transforms.tfserving import TFServingModelHandler
 
     inner = TFServingModelHandler(peer, max_request_bytes=100)
-    handler = LengthBatchedHandler(inner, max_batch_size=8, max_batch_wait_seconds=1)
+    handler = LengthBatchedHandler(inner)
     client = handler.load_model()
     try:
         out = handler.run_inference([b"fine", b"x" * 500, b"also fine"], client)

@@ -109,7 +109,9 @@ def test_a_text_is_encoded_once_per_process_across_counters(tiny_model_dir, monk
 def test_the_handler_reads_what_tfx_bsls_prediction_logs_hold(tiny_model_dir, monkeypatch):
     """The handler skips tfx-bsl's per-tweet PredictionLog building; its
     scores must be the ones those logs carry."""
-    from transforms.inference import _tensor_values, local_handler
+    import tensorflow as tf
+
+    from transforms.inference import local_handler
 
     handler = local_handler(str(tiny_model_dir))
     model = handler.load_model()
@@ -119,7 +121,7 @@ def test_the_handler_reads_what_tfx_bsls_prediction_logs_hold(tiny_model_dir, mo
                         lambda *a: pytest.fail("PredictionLogs were built"))
         scores = handler.run_inference(texts, model)
     logs = handler._tfx.run_inference(texts, model)
-    expected = [_tensor_values(log.predict_log.response.outputs["probabilities"]).tolist()
+    expected = [tf.make_ndarray(log.predict_log.response.outputs["probabilities"]).ravel().tolist()
                 for log in logs]
     assert len(scores) == len(texts)
     np.testing.assert_allclose([s.probabilities for s in scores], expected, atol=1e-6)
@@ -142,3 +144,28 @@ def test_loading_the_model_freezes_the_heap_it_leaves(tiny_model_dir, monkeypatc
     assert frozen > 10_000
     local_handler(str(tiny_model_dir)).load_model()  # cached: no second collection
     assert gc.get_freeze_count() == frozen
+
+
+def test_a_changed_tfx_bsl_private_api_is_refused_at_start():
+    """The handler reads tfx-bsl's outputs through its private _run_inference;
+    a tfx-bsl whose private method differs is refused by name at start, not
+    discovered as a model error on every tweet."""
+    from tfx_bsl.beam import run_inference as tfx
+
+    from transforms.inference import check_tfx_bsl_private_api
+
+    check_tfx_bsl_private_api(tfx._PredictModelHandler)  # the installed one passes
+
+    class Renamed(tfx._PredictModelHandler):
+        def _run_inference(self, examples, model):  # one parameter fewer
+            return {}
+
+    with pytest.raises(RuntimeError, match="_run_inference"):
+        check_tfx_bsl_private_api(Renamed)
+
+    class NoPostProcess(tfx._PredictModelHandler):
+        def run_inference(self, examples, model, inference_args=None):
+            return []
+
+    with pytest.raises(RuntimeError, match="no longer calls"):
+        check_tfx_bsl_private_api(NoPostProcess)

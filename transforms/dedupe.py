@@ -2,30 +2,32 @@
 
 Beam's ``DeduplicatePerKey`` does the same state-plus-expiry-timer dance but
 drops duplicates without a trace; the project promises that every input is a
-result, a dead letter or a *counted* duplicate, so this DoFn counts them.
+result, a dead letter or a *counted* duplicate, so this DoFn counts them and
+hands each skipped copy's ack id on (a skipped copy is one of an input's ends).
 
 It runs in the global window, before event-time windowing, so a copy that
-arrives in a later window is still caught. The Redis sink's ``SET NX`` is the
-second line of defence once this state has expired.
+arrives in a later window is still caught. The key is the tweet id; its state
+expires with an *event-time* timer at the tweet's time plus ``ttl_seconds``.
+A processing-time timer would say "ten minutes from now" more directly, but
+on portable runners (Prism, Flink) the Python SDK makes every processing-time
+timer hold the step's output watermark at the element's time until it fires:
+ten minutes in which no downstream window could close. The Redis sink's
+``SET NX`` is the second line of defence once this state has expired (the
+summary counts what it finds there as "already in Redis").
 
-Two layouts of the same idea:
+Two layouts of the same idea (``shards``):
 
-- per id (Dataflow, Flink): the key is the tweet id, with a processing-time
-  timer that clears it after ``ttl_seconds``. Runners keep keyed state and
-  timers in indexed stores, so this scales with the stream.
-- sharded (the Python DirectRunner): the Python DirectRunner walks every key a
-  stateful DoFn has ever seen on each timer tick
-  (``watermark_manager.extract_transform_timers``), so one key per tweet makes
-  a long run slow down linearly (measured: 55% of the job's CPU in that walk
-  after 3,000 tweets). There the ids go to ``shards`` keys, each with two
-  generations of ids (``SetState``) rotated every ``ttl_seconds / 2`` by a
-  single timer: an id is remembered between ``ttl/2`` and ``ttl`` seconds.
-  (Dataflow does not support ``SetState``, hence not the only layout.)
+- per id (0, the default): the key is the tweet id; runners keep keyed state
+  and timers in indexed stores, so this scales with the stream.
+- sharded (N): the ids go to N keys, each with two generations of ids
+  (``SetState``) rotated every ``ttl_seconds / 2`` of event time by one
+  timer: an id is remembered between ``ttl/2`` and ``ttl``. For Beam's legacy
+  DirectRunner, which walks every key a stateful DoFn has ever seen on each
+  timer tick (``watermark_manager.extract_transform_timers``): with a key per
+  tweet a long run slowed down linearly (55% of the job's CPU in that walk
+  after 3,000 tweets). Dataflow does not support ``SetState``.
 """
 
-from __future__ import annotations
-
-import time
 import zlib
 
 import apache_beam as beam
@@ -38,12 +40,12 @@ from apache_beam.transforms.userstate import (
     TimerSpec,
     on_timer,
 )
-from apache_beam.utils.timestamp import Timestamp
+from apache_beam.utils.timestamp import Duration
 
-from transforms import acks
 from transforms.records import Tweet
 
 DEFAULT_TTL_SECONDS = 600
+SKIPPED = "skipped"
 # Source ids of tweets re-published from the dead letter start with this
 # (``replay:<dead-letter entry id>/pubsub:<message id>``): a replay is a new
 # attempt at a tweet whose first attempt failed after this step had already
@@ -58,38 +60,24 @@ def dedupe_key(tweet: Tweet) -> str:
     return tweet.tweet_id
 
 
-class _AckSkippedMixin:
-    """A counted duplicate is one of an input's ends (transforms/acks.py):
-    its Pub/Sub message is acknowledged at the end of the bundle."""
-
-    def start_bundle(self):
-        self._skipped: list[str] = []
-
-    def finish_bundle(self):
-        if self._skipped:
-            acks.done(self._skipped)
-            self._skipped = []
-
-
-class _DedupeFn(_AckSkippedMixin, beam.DoFn):
+class _FirstPerIdFn(beam.DoFn):
     SEEN = ReadModifyWriteStateSpec("seen", BooleanCoder())
-    EXPIRY = TimerSpec("expiry", TimeDomain.REAL_TIME)
+    EXPIRY = TimerSpec("expiry", TimeDomain.WATERMARK)
 
     def __init__(self, ttl_seconds: float):
-        self._ttl = ttl_seconds
+        self._ttl = Duration.of(ttl_seconds)
         self._unique = Metrics.counter("DedupeByTweetId", "unique")
         self._duplicates = Metrics.counter("DedupeByTweetId", "duplicates_skipped")
-        self._skipped: list[str] = []
 
-    def process(self, element, seen=beam.DoFn.StateParam(SEEN),
-                expiry=beam.DoFn.TimerParam(EXPIRY)):
+    def process(self, element, timestamp=beam.DoFn.TimestampParam,
+                seen=beam.DoFn.StateParam(SEEN), expiry=beam.DoFn.TimerParam(EXPIRY)):
         _, tweet = element
         if seen.read():
             self._duplicates.inc()
-            self._skipped.append(tweet.source_id)  # an end: acknowledged per bundle
+            yield beam.pvalue.TaggedOutput(SKIPPED, tweet.ack_id)
             return
         seen.write(True)
-        expiry.set(Timestamp.of(time.time() + self._ttl))
+        expiry.set(timestamp + self._ttl)
         self._unique.inc()
         yield tweet
 
@@ -98,36 +86,35 @@ class _DedupeFn(_AckSkippedMixin, beam.DoFn):
         seen.clear()
 
 
-class _ShardedDedupeFn(_AckSkippedMixin, beam.DoFn):
+class _FirstPerIdShardedFn(beam.DoFn):
     CURRENT = SetStateSpec("current", StrUtf8Coder())
     PREVIOUS = SetStateSpec("previous", StrUtf8Coder())
     ARMED = ReadModifyWriteStateSpec("armed", BooleanCoder())
-    ROTATE = TimerSpec("rotate", TimeDomain.REAL_TIME)
+    ROTATE = TimerSpec("rotate", TimeDomain.WATERMARK)
 
     def __init__(self, ttl_seconds: float):
-        self._half = ttl_seconds / 2
+        self._half = Duration.of(ttl_seconds / 2)
         self._unique = Metrics.counter("DedupeByTweetId", "unique")
         self._duplicates = Metrics.counter("DedupeByTweetId", "duplicates_skipped")
-        self._skipped: list[str] = []
 
-    def process(self, element, current=beam.DoFn.StateParam(CURRENT),
-                previous=beam.DoFn.StateParam(PREVIOUS), armed=beam.DoFn.StateParam(ARMED),
-                rotate=beam.DoFn.TimerParam(ROTATE)):
+    def process(self, element, timestamp=beam.DoFn.TimestampParam,
+                current=beam.DoFn.StateParam(CURRENT), previous=beam.DoFn.StateParam(PREVIOUS),
+                armed=beam.DoFn.StateParam(ARMED), rotate=beam.DoFn.TimerParam(ROTATE)):
         _, tweet = element
         key = dedupe_key(tweet)
         if key in current.read() or key in previous.read():
             self._duplicates.inc()
-            self._skipped.append(tweet.source_id)
+            yield beam.pvalue.TaggedOutput(SKIPPED, tweet.ack_id)
             return
         current.add(key)
         if not armed.read():
             armed.write(True)
-            rotate.set(Timestamp.of(time.time() + self._half))
+            rotate.set(timestamp + self._half)
         self._unique.inc()
         yield tweet
 
     @on_timer(ROTATE)
-    def rotate(self, current=beam.DoFn.StateParam(CURRENT),
+    def rotate(self, fired=beam.DoFn.TimestampParam, current=beam.DoFn.StateParam(CURRENT),
                previous=beam.DoFn.StateParam(PREVIOUS), armed=beam.DoFn.StateParam(ARMED),
                rotate=beam.DoFn.TimerParam(ROTATE)):
         keys = set(current.read())
@@ -136,43 +123,38 @@ class _ShardedDedupeFn(_AckSkippedMixin, beam.DoFn):
             previous.add(key)
         current.clear()
         if keys:  # the previous generation must expire in turn
-            rotate.set(Timestamp.of(time.time() + self._half))
+            rotate.set(fired + self._half)
         else:
             armed.clear()
 
 
-def _runs_on_python_direct_runner(pipeline) -> bool:
-    return type(pipeline.runner).__name__ in (
-        "DirectRunner", "SwitchingDirectRunner", "BundleBasedDirectRunner", "TestDirectRunner")
-
-
 class DedupeByTweetId(beam.PTransform):
-    """Keeps the first ``Tweet`` per ``tweet_id`` for ``ttl_seconds`` of
-    processing time; counts the rest in ``DedupeByTweetId/duplicates_skipped``.
+    """Keeps the first ``Tweet`` per ``tweet_id`` for ``ttl_seconds`` of event
+    time; counts the rest in ``DedupeByTweetId/duplicates_skipped``.
 
     Args:
       ttl_seconds: how long an id is remembered.
-      shards: use the sharded layout with this many keys, or 0 for the per-id
-        layout; default (None): sharded (16) on the Python DirectRunner, per id
-        elsewhere (see the module doc).
+      shards: 0 for a key per id, else the sharded layout (module doc).
+
+    Returns:
+      A tuple of outputs: ``tweets`` and ``skipped`` (the skipped copies' ack ids).
     """
 
-    def __init__(self, ttl_seconds: float = DEFAULT_TTL_SECONDS, shards: int | None = None):
+    def __init__(self, ttl_seconds: float = DEFAULT_TTL_SECONDS, shards: int = 0):
         super().__init__()
         self._ttl = ttl_seconds
         self._shards = shards
 
     def expand(self, tweets):
         shards = self._shards
-        if shards is None and _runs_on_python_direct_runner(tweets.pipeline):
-            shards = 16
         if shards:
-            return (tweets
-                    | "KeyByShard" >> beam.Map(
-                        lambda t, n=shards: (zlib.crc32(dedupe_key(t).encode()) % n, t)
-                    ).with_output_types(tuple[int, Tweet])
-                    | "FirstPerIdSharded" >> beam.ParDo(_ShardedDedupeFn(self._ttl)))
-        return (tweets
-                | "KeyById" >> beam.Map(lambda t: (dedupe_key(t), t)).with_output_types(
-                    tuple[str, Tweet])
-                | "FirstPerId" >> beam.ParDo(_DedupeFn(self._ttl)))
+            keyed = tweets | "KeyByShard" >> beam.Map(
+                lambda t: (zlib.crc32(dedupe_key(t).encode()) % shards, t)
+            ).with_output_types(tuple[int, Tweet])
+            fn = _FirstPerIdShardedFn(self._ttl)
+        else:
+            keyed = tweets | "KeyById" >> beam.Map(
+                lambda t: (dedupe_key(t), t)).with_output_types(tuple[str, Tweet])
+            fn = _FirstPerIdFn(self._ttl)
+        return keyed | "FirstPerId" >> beam.ParDo(fn).with_output_types(Tweet).with_outputs(
+            SKIPPED, main="tweets")

@@ -1,51 +1,43 @@
-"""Sentiment inference: length-aware batches into Beam's ``RunInference``.
+"""Sentiment inference: batches of similar length into Beam's ``RunInference``.
 
-``RunSentiment`` keys each tweet's text by its ``Tweet`` record
-(``KeyedModelHandler``), lets ``RunInference`` batch with Beam's stateful
-``BatchElements`` (``length_fn`` + ``bucket_boundaries`` so a batch holds
-tweets of similar token length, ``max_batch_duration_secs`` so batches form
-in streaming, where plain ``BatchElements`` yields batches of one), and turns
-each prediction into a ``Result`` or a ``DeadLetter``.
+``RunSentiment`` moves tweets into the global window (each keeps its event
+time, window and lateness in its record), so that inference batches form in
+processing time, across event-time windows: a sparse or historic stream
+fills them as well as a dense one. ``BatchByLength`` is Beam's
+``SortAndBatchElements``: each bundle's tweets sorted by their WordPiece
+length and cut into batches of at most ``max_batch_size``, so a batch pads
+little and holds what is waiting (one batch when a few tweets wait, many
+when a backlog drains). No state or timer is involved, so nothing waits for
+a batch to fill and no watermark is held; how many tweets a bundle holds is
+the runner's choice (``pipeline/runners.py`` sets Flink's bundle limits).
+``RunInference`` then runs the pre-batched tweets through the handler and
+each prediction becomes a ``Result`` or a ``DeadLetter``.
 
 The model handler is any Beam handler that takes UTF-8 text bytes and
-returns TF Serving ``PredictionLog``s or ``PredictResponse``-like outputs:
-tfx-bsl's in-process SavedModel handler (``local_handler``) or the TF
-Serving gRPC handler in ``transforms.tfserving``.
+returns ``Scores``: tfx-bsl's in-process SavedModel handler
+(``local_handler``) or the TF Serving gRPC handler in ``transforms.tfserving``.
 """
-
-from __future__ import annotations
 
 import functools
 import gc
+import inspect
 import json
 import logging
 import re
 import threading
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
 
-from transforms.records import LABELS, DeadLetter, Result, Tweet, iso_from_seconds, now_iso
+from transforms.records import LABELS, DeadLetter, Result, Tweet, now_iso
 
 _LOG = logging.getLogger(__name__)
 STAGE = "inference"
-# Token-length bucket boundaries. Each bucket is its own batch, so more
-# buckets pad less but split a live stream into smaller batches: with 15
-# two-token-wide buckets a backlog padded only 3% (batches of 31), but at 108
-# tweets/s live the DirectRunner's bundles of ~110 tweets made batches of ~9,
-# the model spent twice as long per tweet and p99 latency went past 3 s.
-# These 8 pad 9% on the sample (batches of 42) and make live batches about
-# twice as large (benchmarks/latency.py: p99 1.8 s at the same load).
-DEFAULT_BUCKETS = (12, 16, 20, 24, 32, 48, 64, 96)
-# How long a partial batch waits for more tweets. The DirectRunner fires
-# timers between bundles, so 0.1 s means "the rest of this bundle": at 108
-# tweets/s p50 latency fell from 1.6 s (0.5 s wait) to 1.15 s with the same
-# model time. On a runner with small bundles, a longer wait fills batches.
-DEFAULT_MAX_BATCH_WAIT_SECONDS = 0.1
+DEFAULT_MAX_BATCH_SIZE = 64
 _PIECES = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 _URL = re.compile(r"https?://\S+")
 _HANDLE = re.compile(r"@\w+")
@@ -106,7 +98,7 @@ class TokenCounter:
         self._tokenizer = None
 
     @classmethod
-    def for_model(cls, model_dir: str | None, max_length: int = 128) -> TokenCounter:
+    def for_model(cls, model_dir: str | None, max_length: int = 128) -> "TokenCounter":
         """The counter for the newest version under ``model_dir``; the
         estimate when that model has no vocabulary file (or is not here, as
         with a remote TF Serving whose model this machine lacks)."""
@@ -166,7 +158,7 @@ def _counted(vocab_path: str, max_length: int, text: bytes | str) -> int:
 
 
 class _KeyedLength:
-    """``length_fn`` for ``(Tweet, text bytes)`` elements."""
+    """``element_size_fn`` for ``(Tweet, text bytes)`` elements."""
 
     def __init__(self, count: TokenCounter):
         self.count = count
@@ -175,71 +167,22 @@ class _KeyedLength:
         return self.count(element[1])
 
 
-class BatchStats:
-    """In-process tally of the batches this worker process really ran.
+class BatchByLength(beam.PTransform):
+    """``(Tweet, text)`` -> lists of them, sorted by WordPiece length, at most
+    ``max_batch_size`` long; one bundle's tweets at a time (see the module
+    doc). A thin wrapper of Beam's ``SortAndBatchElements``: its weight limit
+    is set so only the count limits a batch."""
 
-    Beam metrics carry the same numbers (``RunSentiment/batch_size``...), but
-    the Python DirectRunner loses counter updates made downstream of timer
-    output, and here every batch comes from a timer or a stateful flush. The
-    summary of a DirectRunner run and the benchmarks read this instead.
-    """
+    def __init__(self, max_batch_size: int, token_counter: TokenCounter):
+        super().__init__()
+        self._max = max_batch_size
+        self._count = token_counter
 
-    batches = 0
-    elements = 0
-    largest = 0
-    real_tokens = 0
-    padded_tokens = 0
-    sizes: list[int] = []
-    _lock = threading.Lock()  # the DirectRunner runs bundles on several threads
-
-    @classmethod
-    def record(cls, lengths: list[int]) -> None:
-        with cls._lock:
-            cls.batches += 1
-            cls.elements += len(lengths)
-            cls.largest = max(cls.largest, len(lengths))
-            cls.real_tokens += sum(lengths)
-            cls.padded_tokens += max(lengths, default=0) * len(lengths)
-            if len(cls.sizes) < 100_000:
-                cls.sizes.append(len(lengths))
-
-    @classmethod
-    def reset(cls) -> None:
-        with cls._lock:
-            cls.batches = cls.elements = cls.largest = cls.real_tokens = cls.padded_tokens = 0
-            cls.sizes = []
-
-
-def _stable_batch_keys() -> None:
-    """One batching key per process, as Beam documents it.
-
-    Beam's stateful ``BatchElements`` keys every element by a "per-process
-    UUID" (``WithLengthBucketKey``/``WithSharedKey``), which its ``setup``
-    takes from a ``Shared`` handle. ``Shared`` keeps alive only the object
-    acquired last in the process, and the DoFn keeps the key string, not the
-    object: once the DoFn is dropped (the DirectRunner does that after every
-    bundle) and anything else is acquired, the next bundle gets a new UUID.
-    Measured at 108 tweets/s: 58 keys in 58 bundles, so no batch ever grew
-    across bundles (most batches held fewer than 4 tweets, each flushed by
-    its timer alone). Handing out one object for the process's lifetime
-    gives the documented behaviour (checked in ``tests/test_streaming.py`` and,
-    across real bundles, ``tests/test_direct_pubsub.py``).
-    """
-    from apache_beam.transforms import util
-
-    if getattr(util.load_shared_key, "_bertstream_stable", False):
-        return
-    key = util.SharedKey()
-
-    def load_shared_key():
-        return key
-
-    load_shared_key._bertstream_stable = True
-    util.load_shared_key = load_shared_key
-
-
-# Workers import this module to unpickle the handler, before any setup runs.
-_stable_batch_keys()
+    def expand(self, keyed):
+        return keyed | beam.SortAndBatchElements(
+            min_batch_size=1, max_batch_size=self._max,
+            max_batch_weight=self._max * self._count.max_length + 1,
+            element_size_fn=_KeyedLength(self._count))
 
 
 class Scores(NamedTuple):
@@ -262,8 +205,8 @@ class BatchFailure(Exception):
 
 
 class LengthBatchedHandler(ModelHandler):
-    """Wraps a text -> ``Scores`` handler with the batching parameters and
-    the per-element fallback.
+    """Wraps a text -> ``Scores`` handler with batch metrics and the
+    per-element fallback.
 
     When a whole batch fails, each element is retried alone, so one bad
     element becomes one ``InferenceFailure`` instead of taking its batch
@@ -271,37 +214,27 @@ class LengthBatchedHandler(ModelHandler):
     still reaches ``RunInference.with_exception_handling``.
     """
 
-    def __init__(self, inner: ModelHandler, max_batch_size: int,
-                 max_batch_wait_seconds: float,
-                 bucket_boundaries: Sequence[int] = DEFAULT_BUCKETS,
-                 token_counter: TokenCounter | None = None):
+    def __init__(self, inner: ModelHandler, token_counter: Optional[TokenCounter] = None):
         super().__init__()
         self._inner = inner
         self._count = token_counter or TokenCounter()
-        self._batching = {
-            # min == max: flush on size, on max_batch_duration_secs, or at the
-            # end of the window, never on the adaptive estimator's guess.
-            "min_batch_size": max_batch_size,
-            "max_batch_size": max_batch_size,
-            "max_batch_duration_secs": max_batch_wait_seconds,
-            "length_fn": _KeyedLength(self._count),
-            "bucket_boundaries": list(bucket_boundaries),
-        }
         self._batch_sizes = Metrics.distribution("RunSentiment", "batch_size")
-        self._real_tokens = Metrics.counter("RunSentiment", "estimated_real_tokens")
-        self._padded_tokens = Metrics.counter("RunSentiment", "estimated_padded_tokens")
+        self._real_tokens = Metrics.counter("RunSentiment", "real_tokens")
+        self._padded_tokens = Metrics.counter("RunSentiment", "padded_tokens")
         self._failed = Metrics.counter("RunSentiment", "element_failures")
 
     def load_model(self):
         return self._inner.load_model()
 
     def run_inference(self, batch: Sequence[bytes], model: Any,
-                      inference_args: Mapping[str, Any] | None = None) -> Iterable[Any]:
+                      inference_args: Optional[Mapping[str, Any]] = None) -> Iterable[Any]:
         lengths = [self._count(t) for t in batch]
-        BatchStats.record(lengths)
         self._batch_sizes.update(len(batch))
         self._real_tokens.inc(sum(lengths))
         self._padded_tokens.inc(max(lengths, default=0) * len(batch))
+        return self._run(batch, model, inference_args)
+
+    def _run(self, batch, model, inference_args) -> list[Any]:
         try:
             return list(self._inner.run_inference(batch, model, inference_args))
         except BatchFailure as err:
@@ -313,11 +246,7 @@ class LengthBatchedHandler(ModelHandler):
                 return [InferenceFailure(f"{type(err).__name__}: {err}")]
             _LOG.warning("batch of %d failed (%s); retrying its elements one by one",
                          len(batch), err)
-            return [r for text in batch
-                    for r in self.run_inference([text], model, inference_args)]
-
-    def batch_elements_kwargs(self) -> Mapping[str, Any]:
-        return self._batching
+            return [r for text in batch for r in self._run([text], model, inference_args)]
 
     def get_metrics_namespace(self) -> str:
         return "RunSentiment"
@@ -329,14 +258,6 @@ class LengthBatchedHandler(ModelHandler):
         return self._inner.model_copies()
 
 
-def _tensor_values(proto) -> np.ndarray:
-    """A TensorProto's values without importing TensorFlow here."""
-    dtypes = {1: np.float32, 9: np.int64}
-    if proto.tensor_content:
-        return np.frombuffer(proto.tensor_content, dtype=dtypes[proto.dtype])
-    return np.array(list(proto.float_val) or list(proto.int64_val))
-
-
 class _TF2Session:
     """What tfx-bsl's in-process handler calls, backed by ``tf.saved_model.load``.
 
@@ -345,7 +266,7 @@ class _TF2Session:
     objects ("Could not find variable ..."). Through its ``load_override_fn``
     it accepts any object with a ``Session.run``-like method, so this one
     maps its feeds and fetches onto the TF2 signature; tfx-bsl keeps doing the
-    signature checks and the PredictionLog post-processing.
+    signature checks.
     """
 
     def __init__(self, path: str, signature: str):
@@ -382,12 +303,43 @@ class _TF2Session:
         return {alias: out[alias].numpy() for alias in fetches}
 
 
+# tfx-bsl's handlers run ``run_inference`` = ``_run_inference`` (signature
+# checks, fetches through our session) + ``_post_process`` (a PredictionLog
+# per tweet, with a TensorProto per output, 0.1 ms a tweet: 15% of a bfloat16
+# model's time, only to be parsed straight back). The handler below calls
+# ``_run_inference`` itself, a private method: ``check_tfx_bsl_private_api``
+# makes sure it is the code this was written against, at start.
+_EXPECTED_RUN_INFERENCE_PARAMS = ("self", "examples", "serialized_examples", "model")
+
+
+def check_tfx_bsl_private_api(handler_class: type) -> None:
+    """Raises RuntimeError when tfx-bsl's handler no longer has the private
+    ``_run_inference(examples, serialized_examples, model)`` that
+    ``run_inference`` calls before ``_post_process``."""
+    import tfx_bsl
+
+    private = getattr(handler_class, "_run_inference", None)
+    public = getattr(handler_class, "run_inference", None)
+    problem = None
+    if private is None or public is None:
+        problem = "has no _run_inference / run_inference"
+    elif tuple(inspect.signature(private).parameters) != _EXPECTED_RUN_INFERENCE_PARAMS:
+        problem = f"_run_inference{inspect.signature(private)} changed"
+    elif not {"_run_inference", "_post_process"} <= set(public.__code__.co_names):
+        problem = "run_inference no longer calls _run_inference and _post_process"
+    if problem:
+        raise RuntimeError(
+            f"tfx-bsl {tfx_bsl.__version__}: {handler_class.__name__} {problem}; "
+            "bertstream reads its outputs through that private method (see "
+            "transforms/inference.py). Install the tfx-bsl that constraints.txt pins.")
+
+
 _LOADED: dict[tuple[str, str], Any] = {}
 _LOADED_LOCK = threading.Lock()
 
 
 class _LocalScoresHandler(ModelHandler):
-    """tfx-bsl's in-process handler, with its PredictionLogs read into ``Scores``."""
+    """tfx-bsl's in-process handler, with its outputs read into ``Scores``."""
 
     def __init__(self, version_dir: str, signature: str):
         super().__init__()
@@ -398,17 +350,15 @@ class _LocalScoresHandler(ModelHandler):
             model_path=version_dir, signature_name=[signature]))
         self._tfx = tfx_run_inference.create_model_handler(
             spec, lambda path, tags: _TF2Session(path, signature), None)
+        check_tfx_bsl_private_api(type(self._tfx))
         self._version_dir, self._signature = version_dir, signature
         base = version_dir.rstrip("/").rsplit("/", 1)[-1]
         self._version = base if base.isdigit() else "0"
 
     def load_model(self):
-        # Beam's Shared handle keeps only the most recently acquired object of
-        # the process alive, and the DirectRunner drops its DoFn after every
-        # bundle: with BatchElements' own Shared key in the same job, the model
-        # was garbage-collected between bundles and loaded again (2 s each;
-        # 30% of a streaming run's CPU). One strong reference per model and
-        # signature per process keeps it.
+        # One model per version and signature per process: Beam's Shared
+        # handle would let it go between bundles on runners that drop their
+        # DoFns (2 s to load each time).
         key = (self._version_dir, self._signature)
         with _LOADED_LOCK:
             if key not in _LOADED:
@@ -418,22 +368,12 @@ class _LocalScoresHandler(ModelHandler):
 
     def run_inference(self, batch, model, inference_args=None):
         batch = list(batch)
-        run = getattr(self._tfx, "_run_inference", None)
-        if run is not None and all(isinstance(e, bytes) for e in batch):
-            # tfx-bsl's run_inference = _run_inference (its signature checks
-            # and fetches, our session) + _post_process, which builds a
-            # PredictionLog per tweet with a TensorProto per output (0.1 ms a
-            # tweet) that would only be parsed straight back here: 15% of a
-            # bfloat16 model's time. Its outputs are read directly instead.
-            outputs = run(batch, batch, model)
-            probabilities = np.asarray(outputs["probabilities"], dtype=np.float32)
-            if probabilities.shape[:1] != (len(batch),):
-                raise ValueError(f"the model returned {probabilities.shape[0]} rows of "
-                                 f"probabilities for a batch of {len(batch)}")
-            return [Scores(row.tolist(), self._version) for row in probabilities]
-        logs = self._tfx.run_inference(batch, model, inference_args)
-        return [Scores(_tensor_values(log.predict_log.response.outputs["probabilities"])
-                       .tolist(), self._version) for log in logs]
+        outputs = self._tfx._run_inference(batch, batch, model)
+        probabilities = np.asarray(outputs["probabilities"], dtype=np.float32)
+        if probabilities.shape[:1] != (len(batch),):
+            raise ValueError(f"the model returned {probabilities.shape[0]} rows of "
+                             f"probabilities for a batch of {len(batch)}")
+        return [Scores(row.tolist(), self._version) for row in probabilities]
 
     def share_model_across_processes(self) -> bool:
         return False
@@ -466,26 +406,23 @@ class _ToResultFn(beam.DoFn):
         self._results = Metrics.counter("RunSentiment", "results")
         self._dead = Metrics.counter("RunSentiment", "dead_lettered")
 
-    def process(self, element, timestamp=beam.DoFn.TimestampParam,
-                w=beam.DoFn.WindowParam):
+    def process(self, element):
         tweet, scores = element
         if isinstance(scores, InferenceFailure):
             self._dead.inc()
             yield beam.pvalue.TaggedOutput("dead_letter", DeadLetter.of(
-                STAGE, scores.reason, tweet.raw, tweet.source_id, tweet.tweet_id))
+                STAGE, scores.reason, tweet.raw, tweet.source_id, tweet.tweet_id,
+                tweet.ack_id))
             return
         probs = [float(p) for p in scores.probabilities]
         best = int(np.argmax(probs))
-        start = getattr(w, "start", None)
-        end = getattr(w, "end", None)
         self._results.inc()
         yield Result(
             tweet_id=tweet.tweet_id, text=tweet.text, label=LABELS[best], score=probs[best],
             probabilities=probs, model_version=str(scores.model_version),
-            event_time=iso_from_seconds(float(timestamp)),
-            window_start=iso_from_seconds(float(start)) if start is not None else "",
-            window_end=iso_from_seconds(float(end)) if end is not None else "",
-            processed_at=now_iso(), late=tweet.late, source_id=tweet.source_id)
+            event_time=tweet.event_time, window_start=tweet.window_start,
+            window_end=tweet.window_end, processed_at=now_iso(), late=tweet.late,
+            published_at=tweet.published_at, source_id=tweet.source_id, ack_id=tweet.ack_id)
 
 
 def _failed_batch_to_dead_letters(failure):
@@ -494,29 +431,37 @@ def _failed_batch_to_dead_letters(failure):
     for tweet, _ in batch:
         counter.inc()
         yield DeadLetter.of(STAGE, f"{type(error).__name__}: {error}", tweet.raw,
-                            tweet.source_id, tweet.tweet_id)
+                            tweet.source_id, tweet.tweet_id, tweet.ack_id)
 
 
 class RunSentiment(beam.PTransform):
     """``Tweet`` -> ``Result`` through ``RunInference``.
 
+    Args:
+      handler: a text -> ``Scores`` model handler.
+      max_batch_size: most tweets in one model call.
+      token_counter: the model's WordPiece length (for sorting and metrics).
+
     Returns:
       A tuple ``(results, dead_letters)``.
     """
 
-    def __init__(self, handler: ModelHandler, max_batch_size: int = 64,
-                 max_batch_wait_seconds: float = DEFAULT_MAX_BATCH_WAIT_SECONDS,
-                 bucket_boundaries: Sequence[int] = DEFAULT_BUCKETS,
-                 token_counter: TokenCounter | None = None):
+    def __init__(self, handler: ModelHandler, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+                 token_counter: Optional[TokenCounter] = None):
         super().__init__()
-        self._handler = KeyedModelHandler(LengthBatchedHandler(
-            handler, max_batch_size, max_batch_wait_seconds, bucket_boundaries,
-            token_counter))
+        self._count = token_counter or TokenCounter()
+        self._max_batch_size = max_batch_size
+        self._handler = KeyedModelHandler(
+            LengthBatchedHandler(handler, self._count)).with_no_batching()
 
     def expand(self, tweets):
-        keyed = tweets | "KeyByTweet" >> beam.Map(
-            lambda t: (t, t.text.encode("utf-8"))).with_output_types(tuple[Tweet, bytes])
-        predictions, failed = keyed | "RunInference" >> RunInference(
+        batches = (tweets
+                   | "GlobalWindow" >> beam.WindowInto(beam.window.GlobalWindows())
+                   | "KeyByTweet" >> beam.Map(
+                       lambda t: (t, t.text.encode("utf-8"))).with_output_types(
+                           tuple[Tweet, bytes])
+                   | "BatchByLength" >> BatchByLength(self._max_batch_size, self._count))
+        predictions, failed = batches | "RunInference" >> RunInference(
             self._handler).with_exception_handling()
         scored = predictions | "ToResult" >> beam.ParDo(_ToResultFn()).with_outputs(
             "dead_letter", main="results")

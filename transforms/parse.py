@@ -1,6 +1,4 @@
-"""``ParseTweets``: raw message bytes -> ``Tweet``, or a dead letter with a reason."""
-
-from __future__ import annotations
+"""``ParseTweets``: an ``Envelope`` -> ``Tweet``, or a dead letter with a reason."""
 
 import json
 import re
@@ -8,7 +6,9 @@ import re
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from transforms.records import DeadLetter, Tweet, seconds_from_iso
+from typing import Optional
+
+from transforms.records import DeadLetter, Envelope, Tweet, iso_from_seconds, seconds_from_iso
 
 DEAD_LETTER = "dead_letter"
 STAGE = "parse"
@@ -31,7 +31,7 @@ class ParseError(ValueError):
         self.code = code
 
 
-def _optional_str(obj: dict, field: str) -> str | None:
+def _optional_str(obj: dict, field: str) -> Optional[str]:
     value = obj.get(field)
     if value is None:
         return None
@@ -95,34 +95,40 @@ class _ParseFn(beam.DoFn):
         self._parsed = Metrics.counter("ParseTweets", "parsed")
         self._dead = Metrics.counter("ParseTweets", "dead_lettered")
 
-    def process(self, element: tuple[str, bytes]):
-        source_id, data = element
+    def process(self, envelope: Envelope, timestamp=beam.DoFn.TimestampParam):
         try:
-            tweet = parse_tweet(data, source_id)
+            tweet = parse_tweet(envelope.data, envelope.source_id)
+            seconds = float(timestamp)
             if self._timestamp_from_created_at:
-                if tweet.created_at is None:
-                    raise ParseError("missing_created_at",
-                                     "missing 'created_at' (the event time of file input)")
-                try:
-                    seconds = seconds_from_iso(tweet.created_at)
-                except ValueError:
-                    raise ParseError("bad_created_at", "'created_at' is not RFC 3339: "
-                                                       f"{tweet.created_at[:64]!r}") from None
-                self._parsed.inc()
-                yield beam.window.TimestampedValue(tweet, seconds)
-                return
+                seconds = _created_at_seconds(tweet)
         except ParseError as err:
             self._dead.inc()
             Metrics.counter("ParseTweets", f"dead_letter_{err.code}").inc()
-            yield beam.pvalue.TaggedOutput(
-                DEAD_LETTER, DeadLetter.of(STAGE, str(err), data, source_id))
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER, DeadLetter.of(
+                STAGE, str(err), envelope.data, envelope.source_id, ack_id=envelope.ack_id))
             return
         self._parsed.inc()
-        yield tweet
+        tweet = tweet._replace(event_time=iso_from_seconds(seconds),
+                               published_at=envelope.published_at, ack_id=envelope.ack_id)
+        if self._timestamp_from_created_at:
+            yield beam.window.TimestampedValue(tweet, seconds)
+        else:
+            yield tweet
+
+
+def _created_at_seconds(tweet: Tweet) -> float:
+    if tweet.created_at is None:
+        raise ParseError("missing_created_at",
+                         "missing 'created_at' (the event time of file input)")
+    try:
+        return seconds_from_iso(tweet.created_at)
+    except ValueError:
+        raise ParseError("bad_created_at", "'created_at' is not RFC 3339: "
+                                           f"{tweet.created_at[:64]!r}") from None
 
 
 class ParseTweets(beam.PTransform):
-    """Parses ``(source_id, bytes)`` pairs into ``Tweet`` records.
+    """Parses ``Envelope``s into ``Tweet`` records.
 
     Bad input never raises: it goes to the ``dead_letter`` output with a
     reason (malformed JSON, not UTF-8, not an object, missing or empty text,
@@ -131,7 +137,7 @@ class ParseTweets(beam.PTransform):
     Args:
       timestamp_from_created_at: give each tweet its ``created_at`` as event
         time (file input). Pub/Sub input already carries the ``event_ts``
-        attribute's time.
+        attribute's time. Either way the record's ``event_time`` holds it.
 
     Returns:
       A tuple of outputs: ``tweets`` and ``dead_letter``.

@@ -1,20 +1,38 @@
 """The typed records that flow through the graph, with Beam's RowCoder.
 
-A tweet enters as bytes and leaves as exactly one of: a ``Result`` written to
-Redis, a ``DeadLetter`` with a reason, or a count of skipped duplicates.
-"""
+A message enters as an ``Envelope`` and leaves as exactly one of: a
+``Result`` written to Redis, a ``DeadLetter`` with a reason, or a counted
+duplicate. Each carries the ``ack_id`` of the Pub/Sub message it came from
+(empty for files and for sources that acknowledge by themselves), which the
+graph's ``AcknowledgeMessages`` step acknowledges once that end is reached.
 
-from __future__ import annotations
+No ``from __future__ import annotations`` here: Beam reads these classes'
+annotations to build their schemas, and with postponed annotations every
+field becomes the Python-only ``pythonsdk_any`` type that a Java runner
+(Flink) cannot decode. ``tests/test_records.py`` checks the schemas.
+"""
 
 import base64
 import datetime as dt
 import json
 from collections.abc import Sequence
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import apache_beam as beam
 
 LABELS = ("negative", "neutral", "positive")
+
+
+class Envelope(NamedTuple):
+    """One raw input: a Pub/Sub message or a line of a file, undecoded."""
+
+    # Where it came from: ``pubsub:<message id>`` or ``FILE:LINE``.
+    source_id: str
+    data: bytes
+    # The Pub/Sub ack id, when the graph acknowledges (see AcknowledgeMessages).
+    ack_id: str = ""
+    # RFC 3339 publish time of a Pub/Sub message; "" for a file.
+    published_at: str = ""
 
 
 class Tweet(NamedTuple):
@@ -28,8 +46,16 @@ class Tweet(NamedTuple):
     # The original message as received (UTF-8 JSON), kept so a failure after
     # parsing can still dead-letter the exact input for replay.
     raw: str
-    # Where it came from: the Pub/Sub message id or FILE:LINE.
     source_id: str
+    # The event time (RFC 3339, ms): created_at for a file, the message's
+    # event_ts attribute for Pub/Sub. Carried in the record because batching
+    # re-stamps elements.
+    event_time: str = ""
+    published_at: str = ""
+    ack_id: str = ""
+    # Set by WindowByEventTime.
+    window_start: str = ""
+    window_end: str = ""
     late: bool = False
 
 
@@ -45,14 +71,15 @@ class Result(NamedTuple):
     window_end: str
     processed_at: str
     late: bool
-    # Where the tweet came from (``pubsub:<message id>``...): for
-    # acknowledgement only, not part of the published result.
+    published_at: str = ""
+    # Not published: where the tweet came from, and its Pub/Sub ack id.
     source_id: str = ""
+    ack_id: str = ""
 
     def to_json(self) -> str:
-        """The result contract of DESIGN.md (one JSON object per tweet)."""
+        """The result contract (docs/architecture.md): one JSON object per tweet."""
         body = self._asdict()
-        del body["source_id"]
+        del body["source_id"], body["ack_id"]
         body["probabilities"] = {k: float(v) for k, v in zip(LABELS, self.probabilities)}
         return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
 
@@ -71,10 +98,11 @@ class DeadLetter(NamedTuple):
     source_id: str
     tweet_id: Optional[str]
     failed_at: str
+    ack_id: str = ""
 
     @classmethod
-    def of(cls, stage: str, reason: str, raw: bytes | str, source_id: str,
-           tweet_id: str | None = None) -> DeadLetter:
+    def of(cls, stage: str, reason: str, raw: Union[bytes, str], source_id: str,
+           tweet_id: Optional[str] = None, ack_id: str = "") -> "DeadLetter":
         if isinstance(raw, str):
             text, encoding = raw, "utf-8"
         else:
@@ -82,7 +110,7 @@ class DeadLetter(NamedTuple):
                 text, encoding = raw.decode("utf-8"), "utf-8"
             except UnicodeDecodeError:
                 text, encoding = base64.b64encode(raw).decode("ascii"), "base64"
-        return cls(stage, reason[:2000], text, encoding, source_id, tweet_id, now_iso())
+        return cls(stage, reason[:2000], text, encoding, source_id, tweet_id, now_iso(), ack_id)
 
     def raw_bytes(self) -> bytes:
         return base64.b64decode(self.raw) if self.encoding == "base64" else self.raw.encode()
@@ -100,14 +128,20 @@ def iso_from_seconds(seconds: float) -> str:
 
 def seconds_from_iso(value: str) -> float:
     """Parses RFC 3339 (with 'Z' or an offset). Raises ValueError when it is not."""
+    return parse_rfc3339(value).timestamp()
+
+
+def parse_rfc3339(value: str) -> dt.datetime:
+    """An aware datetime from RFC 3339 ('Z' or an offset, any fraction).
+    Raises ValueError for anything else, a missing time zone included."""
     text = value.strip()
     if text.endswith(("Z", "z")):
         text = text[:-1] + "+00:00"
     stamp = dt.datetime.fromisoformat(text)
     if stamp.tzinfo is None:
         raise ValueError(f"timestamp without a time zone: {value!r}")
-    return stamp.timestamp()
+    return stamp
 
 
-for _record in (Tweet, Result, DeadLetter):
+for _record in (Envelope, Tweet, Result, DeadLetter):
     beam.coders.registry.register_coder(_record, beam.coders.RowCoder)

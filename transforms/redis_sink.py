@@ -6,30 +6,31 @@ the stream, published on the channel and counted in its window's hash. A
 runner retry or a Pub/Sub redelivery therefore never doubles a result.
 Scripts are pipelined per bundle (one round trip per flush).
 
-Connection errors are retried with exponential backoff; what still fails is
-sent on with a reason (results become dead letters; dead letters that cannot
-be written are logged and counted, there is nowhere else to put them).
+Connection errors are retried by redis-py itself (its ``Retry``, with
+exponential backoff, ``RedisConfig.retries`` times); what still fails is sent
+on with a reason (results become dead letters; dead letters that cannot be
+written are logged and counted, there is nowhere else to put them). Each
+element written, or found already written, has its Pub/Sub ack id emitted on
+the ``acks`` output: that input has reached its end.
 """
-
-from __future__ import annotations
 
 import logging
 import os
 import time
 import urllib.parse
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
-from transforms import acks
 from transforms.records import DeadLetter, Result
 
 _LOG = logging.getLogger(__name__)
 
 # KEYS: dedupe key, stream, window hash, stats hash.
-# ARGV: dedupe TTL s, stream MAXLEN, result JSON, channel, label, window TTL s, tweet id.
+# ARGV: dedupe TTL s, stream MAXLEN, result JSON, channel, label, window TTL s, tweet id,
+# late (1/0).
 # The stats hash keeps all-time totals (results, duplicates met at the sink):
 # the job's summary reads them, since runner metrics can be incomplete (the
 # Python DirectRunner drops counter updates made downstream of timer output).
@@ -40,6 +41,9 @@ if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
   redis.call('HINCRBY', KEYS[3], ARGV[5], 1)
   redis.call('EXPIRE', KEYS[3], ARGV[6])
   redis.call('HINCRBY', KEYS[4], 'results', 1)
+  if ARGV[8] == '1' then
+    redis.call('HINCRBY', KEYS[4], 'late', 1)
+  end
   return 1
 end
 redis.call('HINCRBY', KEYS[4], 'already_written', 1)
@@ -73,18 +77,25 @@ class RedisConfig(NamedTuple):
     window_ttl_seconds: int = 7 * 24 * 3600
     retries: int = 5
     backoff_seconds: float = 0.2
-    ca_file: str | None = None
+    ca_file: Optional[str] = None
 
 
 def connect(config: RedisConfig):
     """A redis-py client for ``config.url`` (``redis://`` or ``rediss://``).
 
+    Connection errors and timeouts are retried ``config.retries`` times with
+    exponential backoff from ``config.backoff_seconds``, by redis-py itself.
     When the URL carries a user but no password, ``REDIS_PASSWORD`` from the
     environment is used, so the secret need not appear on a command line.
     """
     import redis
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry
 
-    kwargs = {"socket_timeout": 10, "socket_connect_timeout": 5, "health_check_interval": 30}
+    kwargs = {"socket_timeout": 10, "socket_connect_timeout": 5, "health_check_interval": 30,
+              "retry": Retry(ExponentialBackoff(cap=config.backoff_seconds * 2 ** config.retries,
+                                                base=config.backoff_seconds), config.retries),
+              "retry_on_error": [redis.ConnectionError, redis.TimeoutError]}
     parsed = urllib.parse.urlparse(config.url)
     if not parsed.password and os.environ.get("REDIS_PASSWORD"):
         kwargs["password"] = os.environ["REDIS_PASSWORD"]
@@ -104,22 +115,7 @@ def redacted(url: str) -> str:
     return urllib.parse.urlunparse(parsed._replace(netloc=netloc))
 
 
-def with_retries(fn, config: RedisConfig, what: str):
-    """Calls ``fn`` until it succeeds or ``config.retries`` connection errors
-    have happened, sleeping ``backoff * 2**attempt`` in between."""
-    import redis
-
-    for attempt in range(config.retries + 1):
-        try:
-            return fn()
-        except (redis.ConnectionError, redis.TimeoutError) as err:
-            if attempt == config.retries:
-                raise
-            delay = config.backoff_seconds * (2 ** attempt)
-            _LOG.warning("%s: %s; retry %d/%d in %.1fs", what, err, attempt + 1,
-                         config.retries, delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable")
+ACKS = "acks"
 
 
 class _BufferedRedisFn(beam.DoFn):
@@ -159,28 +155,27 @@ class _BufferedRedisFn(beam.DoFn):
             return []
         buffered, self._buffer = self._buffer, []
         started = time.monotonic()
+        import redis
 
-        def write():
+        try:
             pipe = self._client.pipeline(transaction=False)
             for element, _, _ in buffered:
                 keys, args = self.script_call(element)
                 self._script(keys=keys, args=args, client=pipe)
-            return pipe.execute()
-
-        import redis
-
-        try:
-            replies = with_retries(write, self._config, f"{self.namespace} flush")
+            replies = pipe.execute()
         except (redis.ConnectionError, redis.TimeoutError) as err:
             self._connection_failures.inc(len(buffered))
             return [WindowedValue(out, ts, [w]) for element, ts, w in buffered
                     for out in self.on_failure(element, f"redis unavailable after "
                                                         f"{self._config.retries} retries: {err}")]
         self._latency.update(int((time.monotonic() - started) * 1000))
-        # Written (or already there): its Pub/Sub message may now be acknowledged.
-        acks.done(self.source_of(element) for element, _, _ in buffered)
-        return [WindowedValue(out, ts, [w]) for (element, ts, w), reply in zip(buffered, replies)
-                for out in self.on_reply(element, reply)]
+        out = []
+        for (element, ts, w), reply in zip(buffered, replies):
+            out.extend(WindowedValue(o, ts, [w]) for o in self.on_reply(element, reply))
+            # Written (or already there): this input has reached its end.
+            if element.ack_id:
+                out.append(beam.pvalue.TaggedOutput(ACKS, WindowedValue(element.ack_id, ts, [w])))
+        return out
 
     # Subclasses: the script, its KEYS/ARGV per element, and what to emit.
     script = ""
@@ -193,9 +188,6 @@ class _BufferedRedisFn(beam.DoFn):
 
     def on_failure(self, element, reason: str):
         return []
-
-    def source_of(self, element) -> str:
-        return element.source_id
 
 
 class _WriteResultsFn(_BufferedRedisFn):
@@ -212,7 +204,7 @@ class _WriteResultsFn(_BufferedRedisFn):
         return ([c.dedupe_prefix + result.tweet_id, c.stream, c.window_prefix + result.window_start,
                  c.stats_key],
                 [c.dedupe_ttl_seconds, c.stream_maxlen, result.to_json(), c.channel, result.label,
-                 c.window_ttl_seconds, result.tweet_id])
+                 c.window_ttl_seconds, result.tweet_id, 1 if result.late else 0])
 
     def on_reply(self, result, reply):
         (self._written if reply == 1 else self._already).inc()
@@ -223,7 +215,7 @@ class _WriteResultsFn(_BufferedRedisFn):
         # The result itself is the most useful thing to replay: it holds the
         # text and id, and re-scoring it is cheap.
         return [DeadLetter.of("redis", reason, result.to_json(), f"result:{result.tweet_id}",
-                              result.tweet_id)]
+                              result.tweet_id, result.ack_id)]
 
 
 class _WriteDeadLettersFn(_BufferedRedisFn):
@@ -261,7 +253,8 @@ class WriteToRedis(beam.PTransform):
     """Writes each ``Result`` once: stream + channel + per-window count.
 
     Returns:
-      The ``DeadLetter``s of results that could not be written.
+      A tuple of outputs: ``dead_letters`` (results that could not be
+      written) and ``acks`` (ack ids of the results written).
     """
 
     def __init__(self, config: RedisConfig):
@@ -269,18 +262,24 @@ class WriteToRedis(beam.PTransform):
         self._config = config
 
     def expand(self, results):
-        return results | beam.ParDo(_WriteResultsFn(self._config)).with_output_types(DeadLetter)
+        return results | beam.ParDo(_WriteResultsFn(self._config)).with_output_types(
+            DeadLetter).with_outputs(ACKS, main="dead_letters")
 
 
 class WriteDeadLetters(beam.PTransform):
-    """Appends each ``DeadLetter`` to the dead-letter stream (once per input and stage)."""
+    """Appends each ``DeadLetter`` to the dead-letter stream (once per input and stage).
+
+    Returns:
+      The ack ids of the dead letters written.
+    """
 
     def __init__(self, config: RedisConfig):
         super().__init__()
         self._config = config
 
     def expand(self, dead_letters):
-        return dead_letters | beam.ParDo(_WriteDeadLettersFn(self._config))
+        return (dead_letters | beam.ParDo(_WriteDeadLettersFn(self._config)).with_outputs(
+            ACKS, main="unused"))[ACKS]
 
 
 def read_stats(config: RedisConfig) -> dict[str, int]:

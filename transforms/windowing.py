@@ -1,8 +1,11 @@
 """``WindowByEventTime``: fixed event-time windows that keep late tweets.
 
-The trigger fires when the watermark passes the end of the window and then
-once per late element, for ``allowed_lateness_seconds``; late tweets are
-emitted (never dropped silently), flagged ``late=True`` and counted in
+Each tweet gets its window's bounds written into the record
+(``window_start``, ``window_end``), so later steps may batch across windows
+and the sink still counts it in its own window. The trigger fires when the
+watermark passes the end of the window and then once per late element, for
+``allowed_lateness_seconds``; late tweets are emitted (never dropped
+silently), flagged ``late=True`` and counted in
 ``WindowByEventTime/late_tweets``.
 
 A DoFn cannot read the watermark, so lateness is observed with an
@@ -12,12 +15,12 @@ arrives after its end is only known to be late from its second tweet on
 (the timer fires after that first bundle); the count is therefore a lower
 bound for windows that are late as a whole.
 
-The flag lives under one key, so that every tweet of a window sees it: the
-step does nothing but read a boolean, and a tweet stream (tens to a few
-thousand tweets/s) stays far below what one key of a runner handles.
+The flag is kept per window and per shard of the tweet ids (``shards``): one
+shard keeps it in one place; more let a cluster runner spread the step over
+its workers (each shard closes its windows on the same watermark).
 """
 
-from __future__ import annotations
+import zlib
 
 import apache_beam as beam
 from apache_beam.coders import BooleanCoder
@@ -26,7 +29,7 @@ from apache_beam.transforms import trigger, window
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
 
-from transforms.records import Tweet
+from transforms.records import Tweet, iso_from_seconds
 
 DEFAULT_ALLOWED_LATENESS_SECONDS = 24 * 3600
 
@@ -42,6 +45,8 @@ class _MarkLateFn(beam.DoFn):
                 closed=beam.DoFn.StateParam(CLOSED),
                 end_of_window=beam.DoFn.TimerParam(END_OF_WINDOW)):
         _, tweet = element
+        tweet = tweet._replace(window_start=iso_from_seconds(float(w.start)),
+                               window_end=iso_from_seconds(float(w.end)))
         if closed.read():
             self._late.inc()
             yield tweet._replace(late=True)
@@ -61,20 +66,26 @@ class WindowByEventTime(beam.PTransform):
       window_seconds: the window length.
       allowed_lateness_seconds: how long after the end of a window its late
         tweets are still accepted (and counted).
+      shards: how many keys hold the per-window flag (see the module doc).
     """
 
     def __init__(self, window_seconds: float,
-                 allowed_lateness_seconds: float = DEFAULT_ALLOWED_LATENESS_SECONDS):
+                 allowed_lateness_seconds: float = DEFAULT_ALLOWED_LATENESS_SECONDS,
+                 shards: int = 1):
         super().__init__()
         self._window_seconds = window_seconds
         self._allowed_lateness = allowed_lateness_seconds
+        self._shards = shards
 
     def expand(self, tweets):
+        shards = self._shards
         return (tweets
                 | "FixedWindows" >> beam.WindowInto(
                     window.FixedWindows(self._window_seconds),
                     trigger=trigger.AfterWatermark(late=trigger.AfterCount(1)),
                     accumulation_mode=trigger.AccumulationMode.DISCARDING,
                     allowed_lateness=self._allowed_lateness)
-                | "OneKey" >> beam.Map(lambda t: (0, t)).with_output_types(tuple[int, Tweet])
-                | "MarkLate" >> beam.ParDo(_MarkLateFn()))
+                | "KeyByShard" >> beam.Map(
+                    lambda t: (zlib.crc32(t.tweet_id.encode()) % shards, t)
+                ).with_output_types(tuple[int, Tweet])
+                | "MarkLate" >> beam.ParDo(_MarkLateFn()).with_output_types(Tweet))

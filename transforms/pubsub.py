@@ -1,0 +1,265 @@
+"""Pub/Sub in and out of the graph: ``PullFromPubSub`` and ``AcknowledgeMessages``.
+
+``PullFromPubSub`` is an unbounded splittable DoFn that pulls a subscription
+with the Pub/Sub client. It runs on any portable runner that executes
+Python SDFs (Prism, the local streaming runner, does); Beam's own Python
+``ReadFromPubSub`` runs only on Dataflow and the legacy DirectRunner, and
+acknowledges what it pulls before the tweets are scored.
+
+This source does not acknowledge: each ``Envelope`` carries its message's
+``ack_id``, and ``AcknowledgeMessages``, the graph's last step, acknowledges
+a message once its tweet has reached an end (its result or dead letter is in
+Redis, or it was skipped as a duplicate). A job killed in between loses
+nothing: Pub/Sub redelivers what was not acknowledged once its lease ends,
+and the Redis sink writes each tweet once. Each pull extends its messages'
+ack deadline to ``lease_seconds`` (at most Pub/Sub's 600), so a backlog that
+takes longer than that to score is redelivered, and the copies are counted
+as duplicates.
+
+The watermark: after a pull, the oldest event time in it (never later than
+now); after an empty pull, now less ``idle_slack_seconds``. Pub/Sub does not
+order messages, so a tweet older than the watermark when it arrives is late,
+which ``WindowByEventTime`` counts.
+"""
+
+import datetime as dt
+import logging
+import time
+import uuid
+
+import apache_beam as beam
+from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
+from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.core import RestrictionProvider
+from apache_beam.utils.timestamp import Duration, Timestamp
+
+from transforms.records import Envelope, iso_from_seconds, seconds_from_iso
+
+_LOG = logging.getLogger(__name__)
+
+EVENT_TIME_ATTRIBUTE = "event_ts"
+SOURCE_PREFIX = "pubsub:"
+MAX_ACK_IDS_PER_CALL = 1000  # Pub/Sub's limit per Acknowledge / ModifyAckDeadline
+DEFAULT_LEASE_SECONDS = 60
+MAX_LEASE_SECONDS = 600
+IDLE_PAUSE_SECONDS = 0.25
+_ENDLESS = 2**62
+
+
+def event_seconds(attributes, publish_seconds: float) -> float:
+    """A message's event time: its ``event_ts`` attribute (RFC 3339 or epoch
+    milliseconds), else its publish time. Raises ValueError when the
+    attribute is there but unreadable."""
+    value = attributes.get(EVENT_TIME_ATTRIBUTE) if attributes else None
+    if not value:
+        return publish_seconds
+    if value.isdigit():
+        return int(value) / 1000.0
+    return seconds_from_iso(value)
+
+
+class _Endless(RestrictionProvider):
+    """One restriction per subscription that never ends: each pull claims
+    the next position, then the rest is deferred to the runner."""
+
+    def initial_restriction(self, element):
+        return OffsetRange(0, _ENDLESS)
+
+    def create_tracker(self, restriction):
+        return OffsetRestrictionTracker(restriction)
+
+    def restriction_size(self, element, restriction):
+        return 1
+
+    def split(self, element, restriction):
+        yield restriction
+
+    def truncate(self, element, restriction):
+        return None  # on drain: stop pulling
+
+
+class _PullFn(beam.DoFn):
+    def __init__(self, max_messages: int, poll_seconds: float, lease_seconds: int,
+                 idle_slack_seconds: float):
+        self._max_messages = max_messages
+        self._poll_seconds = poll_seconds
+        self._lease_seconds = lease_seconds
+        self._idle_slack = idle_slack_seconds
+        self._client = None
+        self._pulled = Metrics.counter("ReadTweets", "pulled")
+        self._pulls = Metrics.counter("ReadTweets", "pulls")
+
+    def setup(self):
+        from google.cloud import pubsub_v1
+
+        self._client = pubsub_v1.SubscriberClient()
+
+    def teardown(self):
+        if self._client is not None:
+            self._client.close()
+
+    @beam.DoFn.unbounded_per_element()
+    def process(self, subscription: str,
+                tracker=beam.DoFn.RestrictionParam(_Endless()),
+                watermark=beam.DoFn.WatermarkEstimatorParam(
+                    ManualWatermarkEstimator.default_provider())):
+        position = tracker.current_restriction().start
+        if not tracker.try_claim(position):
+            return
+        from google.api_core import exceptions
+
+        try:
+            # Waits up to poll_seconds for a first message, returns at once
+            # when some are waiting (a long poll, not a spin).
+            response = self._client.pull(subscription=subscription,
+                                         max_messages=self._max_messages,
+                                         timeout=self._poll_seconds)
+            received = list(response.received_messages)
+        except (exceptions.DeadlineExceeded, exceptions.ServiceUnavailable) as err:
+            _LOG.debug("pull %s: %s", subscription, err)
+            received = []
+        self._pulls.inc()
+        now = time.time()
+        if received:
+            self._extend(subscription, [r.ack_id for r in received])
+        oldest = now - self._idle_slack
+        for item in received:
+            message = item.message
+            published = message.publish_time.timestamp() if message.publish_time else now
+            try:
+                seconds = event_seconds(message.attributes, published)
+            except ValueError:
+                # ParseTweets dead-letters the message; keep its publish time.
+                seconds = published
+            oldest = min(oldest, seconds)
+            yield beam.window.TimestampedValue(
+                Envelope(SOURCE_PREFIX + message.message_id, bytes(message.data), item.ack_id,
+                         iso_from_seconds(published)), seconds)
+        self._pulled.inc(len(received))
+        candidate = Timestamp.of(min(oldest, now))
+        current = watermark.current_watermark()
+        if current is None or candidate > current:
+            watermark.set_watermark(candidate)
+        # Pub/Sub waits for a first message up to the deadline; the emulator
+        # answers an empty pull at once, so an idle source pauses here.
+        tracker.defer_remainder(Duration.of(0 if received else IDLE_PAUSE_SECONDS))
+
+    def _extend(self, subscription: str, ack_ids: list[str]) -> None:
+        """Holds the messages for ``lease_seconds`` (the subscription's own
+        deadline may be as short as 10 s)."""
+        from google.api_core import exceptions
+
+        for i in range(0, len(ack_ids), MAX_ACK_IDS_PER_CALL):
+            try:
+                self._client.modify_ack_deadline(
+                    subscription=subscription, ack_ids=ack_ids[i:i + MAX_ACK_IDS_PER_CALL],
+                    ack_deadline_seconds=self._lease_seconds)
+            except exceptions.GoogleAPICallError as err:
+                # The subscription's own deadline still applies; at worst a
+                # message comes back and is counted as a duplicate.
+                _LOG.warning("extending the lease of %d messages failed: %s",
+                             len(ack_ids[i:i + MAX_ACK_IDS_PER_CALL]), err)
+
+
+class PullFromPubSub(beam.PTransform):
+    """``PBegin`` -> ``Envelope``s pulled from a subscription, unacknowledged.
+
+    Args:
+      subscription: ``projects/P/subscriptions/S``.
+      max_messages: messages per pull.
+      poll_seconds: how long an empty pull waits for a first message.
+      lease_seconds: the ack deadline each pulled message gets.
+      idle_slack_seconds: how far behind now the watermark stays while idle.
+    """
+
+    def __init__(self, subscription: str, max_messages: int = 1000,
+                 poll_seconds: float = 1.0, lease_seconds: int = DEFAULT_LEASE_SECONDS,
+                 idle_slack_seconds: float = 1.0):
+        super().__init__()
+        if not 10 <= lease_seconds <= MAX_LEASE_SECONDS:
+            raise ValueError(f"lease_seconds must be 10..{MAX_LEASE_SECONDS}")
+        self._subscription = subscription
+        self._fn = _PullFn(max_messages, poll_seconds, lease_seconds, idle_slack_seconds)
+
+    def expand(self, begin):
+        return (begin
+                | "Subscription" >> beam.Create([self._subscription])
+                | "Pull" >> beam.ParDo(self._fn).with_output_types(Envelope))
+
+
+def subscription_for_topic(topic: str) -> str:
+    """Creates a subscription to ``topic`` for this job and returns its path.
+    It expires after a day unused, as Beam's own reader's would be deleted."""
+    from google.cloud import pubsub_v1
+    from google.protobuf import duration_pb2
+
+    project = topic.split("/")[1]
+    name = f"{topic.rsplit('/', 1)[-1]}-bertstream-{uuid.uuid4().hex[:8]}"
+    client = pubsub_v1.SubscriberClient()
+    try:
+        path = client.subscription_path(project, name)
+        client.create_subscription(request={
+            "name": path, "topic": topic, "ack_deadline_seconds": DEFAULT_LEASE_SECONDS,
+            "expiration_policy": {"ttl": duration_pb2.Duration(
+                seconds=int(dt.timedelta(days=1).total_seconds()))}})
+    finally:
+        client.close()
+    _LOG.info("created subscription %s on %s (expires after a day unused)", path, topic)
+    return path
+
+
+class _AckFn(beam.DoFn):
+    def __init__(self, subscription: str):
+        self._subscription = subscription
+        self._client = None
+        self._acked = Metrics.counter("AcknowledgeMessages", "acknowledged")
+        self._failed = Metrics.counter("AcknowledgeMessages", "failed")
+
+    def setup(self):
+        from google.cloud import pubsub_v1
+
+        self._client = pubsub_v1.SubscriberClient()
+
+    def teardown(self):
+        if self._client is not None:
+            self._client.close()
+
+    def start_bundle(self):
+        self._pending: list[str] = []
+
+    def process(self, ack_id: str):
+        if ack_id:
+            self._pending.append(ack_id)
+            if len(self._pending) >= MAX_ACK_IDS_PER_CALL:
+                self._flush()
+
+    def finish_bundle(self):
+        self._flush()
+
+    def _flush(self):
+        from google.api_core import exceptions
+
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        try:
+            self._client.acknowledge(subscription=self._subscription, ack_ids=pending)
+            self._acked.inc(len(pending))
+        except exceptions.GoogleAPICallError as err:
+            # Not lost: Pub/Sub redelivers, and the sink writes each tweet once.
+            self._failed.inc(len(pending))
+            _LOG.warning("acknowledging %d messages failed (they will be redelivered): %s",
+                         len(pending), err)
+
+
+class AcknowledgeMessages(beam.PTransform):
+    """Acknowledges the Pub/Sub messages behind a PCollection of ack ids
+    (empty ids, from files or self-acknowledging sources, are skipped)."""
+
+    def __init__(self, subscription: str):
+        super().__init__()
+        self._subscription = subscription
+
+    def expand(self, ack_ids):
+        return ack_ids | beam.ParDo(_AckFn(self._subscription))
