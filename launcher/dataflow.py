@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +24,18 @@ from launcher.common import (
 )
 
 _LOG = logging.getLogger(__name__)
+# What Beam's option validator accepts as a bucket name. For a name it refuses
+# (gs://BUCKET/tmp, say), Beam goes looking for a default bucket on Cloud
+# Storage, dry run or not, and retries for minutes without a network.
+_GCS_PATH = re.compile(r"gs://([a-z0-9][-_a-z0-9.]+[a-z0-9])(/.*)?")
 
 
 def parser():
     p = launcher_parser("python -m launcher dataflow", "Run the job on Google Cloud Dataflow.")
     p.add_argument("--project", required=True)
     p.add_argument("--region", required=True)
-    p.add_argument("--temp_location", required=True, help="gs://BUCKET/tmp")
-    p.add_argument("--staging_location", default=None, help="gs://BUCKET/staging")
+    p.add_argument("--temp_location", required=True, help="gs://my-bucket/tmp")
+    p.add_argument("--staging_location", default=None, help="gs://my-bucket/staging")
     p.add_argument("--service_account_email", default=None)
     p.add_argument("--max_num_workers", type=int, default=None)
     p.add_argument("--sdk_container_image", default=None,
@@ -53,6 +58,11 @@ def pipeline_argv(argv: list[str]) -> tuple[Any, list[str]]:
     flags, rest = parser().parse_known_args(argv)
     if not flags.temp_location.startswith("gs://"):
         raise ValueError("--temp_location must be a gs:// path")
+    for name in ("temp_location", "staging_location"):
+        value = getattr(flags, name)
+        if value is not None and not _GCS_PATH.fullmatch(value):
+            raise ValueError(f"--{name} {value}: not a gs://BUCKET/PATH with a valid bucket "
+                             "name (lower-case letters, digits, '-', '_' and '.')")
     if flags.max_num_workers is not None and flags.max_num_workers < 1:
         raise ValueError("--max_num_workers must be at least 1")
     out = ["--runner=DataflowRunner", f"--project={flags.project}", f"--region={flags.region}",

@@ -20,6 +20,15 @@ def _positive(value: str) -> int:
     return number
 
 
+class _DefaultsOnce(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" only where the help text does not already give the default."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parser() -> argparse.ArgumentParser:
     from model.build import CALIBRATIONS, DEFAULT_CACHE, MIXES, BuildConfig
 
@@ -30,7 +39,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("build", help="fine-tune and export a SavedModel (cached)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_DefaultsOnce)
     b.add_argument("--out", type=Path, default=default.out,
                    help="base directory; the model goes to OUT/<version>/")
     b.add_argument("--base-model", default=None,

@@ -1,11 +1,24 @@
-"""``python -m pipeline``: parse the options, make sure Redis answers, run, summarize."""
+"""``python -m pipeline``: parse the options, check what the job reads, make
+sure Redis answers, run, summarize."""
 
 from __future__ import annotations
 
 import logging
 import sys
+import time
 
 from pipeline.local_redis import ensure_redis
+
+STOP_HINT = "Ctrl-C or SIGTERM stops the job and prints the summary"
+
+
+def reading_line(options) -> str:
+    """What a streaming job prints once it runs: where it reads, how to stop it."""
+    if options.input_subscription:
+        source = options.input_subscription
+    else:
+        source = f"{options.input_topic} (through a subscription of its own)"
+    return f"reading {source}: waiting for tweets ({STOP_HINT})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,12 +27,15 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     argv = sys.argv[1:] if argv is None else argv
 
-    from pipeline import summary
-    from pipeline.pipeline import make_options, run
+    import apache_beam as beam
+
+    from pipeline import checks, summary
+    from pipeline.pipeline import make_options, run, wait_or_cancel
     from transforms.redis_sink import read_stats
 
     try:
         options = make_options(argv)
+        checks.check_inputs(options)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -27,7 +43,15 @@ def main(argv: list[str] | None = None) -> int:
         with ensure_redis(options) as redis_info:
             config = options.redis_config()._replace(url=redis_info.url)
             before = read_stats(config)
-            result, seconds = run(redis_info.argv(argv))
+            job_options = make_options(redis_info.argv(argv))
+            started = time.monotonic()
+            # Started here rather than by run() alone, to say when it reads.
+            result, _ = run(options=job_options,
+                            test_pipeline=beam.Pipeline(options=job_options))
+            if job_options.is_pubsub:
+                print(reading_line(job_options), file=sys.stderr, flush=True)
+            wait_or_cancel(result)
+            seconds = time.monotonic() - started
             totals = summary.collect(result, seconds, before, read_stats(config))
             text = summary.render(totals, redis_info.display_url,
                                   options.redis_stream, options.redis_channel,

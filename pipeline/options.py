@@ -1,5 +1,6 @@
 """The pipeline's flags, in one ``PipelineOptions`` subclass."""
 
+import argparse
 import os
 from pathlib import Path
 
@@ -17,11 +18,27 @@ DEFAULT_MODEL_DIR = os.environ.get("BERTSTREAM_MODEL_DIR", "models/bert_sentimen
 _REDIS = RedisConfig()
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, unless it is None or the help already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or "default" in text or isinstance(action.default, bool):
+            return text
+        return super()._get_help_string(action)
+
+
 class BertstreamOptions(PipelineOptions):
     """Everything ``python -m pipeline`` takes besides Beam's own options."""
 
     @classmethod
     def _add_argparse_args(cls, parser):
+        # Beam builds the parser (its prog would be "__main__.py"); only --help
+        # and argparse's own errors read these two.
+        parser.prog = "python -m pipeline"
+        parser.formatter_class = _HelpFormatter
+        parser.epilog = ("Beam's own options (--runner, --streaming, --project, ...) are "
+                         "taken too; without an input the job scores the bundled sample.")
         src = parser.add_argument_group("input (at most one; none = the bundled sample file)")
         src.add_argument("--input_subscription", default=None,
                          help="Pub/Sub subscription projects/P/subscriptions/S (streaming)")
@@ -81,11 +98,14 @@ class BertstreamOptions(PipelineOptions):
                          help="signature of the local SavedModel")
         inf.add_argument("--tfserving_target", default="bertservice:8500",
                          help="TF Serving gRPC host:port")
-        inf.add_argument("--tfserving_model_name", default="bert_sentiment")
+        inf.add_argument("--tfserving_model_name", default="bert_sentiment",
+                         help="the model's name on TF Serving")
         inf.add_argument("--tfserving_model_version", type=int, default=None,
                          help="pin a version (default: the newest the server has)")
-        inf.add_argument("--tfserving_signature", default="serving_default")
-        inf.add_argument("--tfserving_timeout_seconds", type=float, default=10.0)
+        inf.add_argument("--tfserving_signature", default="serving_default",
+                         help="signature called on TF Serving")
+        inf.add_argument("--tfserving_timeout_seconds", type=float, default=10.0,
+                         help="deadline of one Predict call")
         inf.add_argument("--tfserving_tls", action="store_true",
                          help="use TLS to TF Serving")
         inf.add_argument("--tfserving_ca_file", default=None,
@@ -96,10 +116,14 @@ class BertstreamOptions(PipelineOptions):
                          help="redis:// or rediss:// URL; with a user and no password, "
                               "REDIS_PASSWORD is used")
         out.add_argument("--redis_ca_file", default=None, help="CA bundle for rediss://")
-        out.add_argument("--redis_stream", default=_REDIS.stream)
-        out.add_argument("--redis_channel", default=_REDIS.channel)
-        out.add_argument("--redis_deadletter_stream", default=_REDIS.dead_letter_stream)
-        out.add_argument("--redis_window_prefix", default=_REDIS.window_prefix)
+        out.add_argument("--redis_stream", default=_REDIS.stream,
+                         help="stream every result is added to (XADD)")
+        out.add_argument("--redis_channel", default=_REDIS.channel,
+                         help="channel every result is published on")
+        out.add_argument("--redis_deadletter_stream", default=_REDIS.dead_letter_stream,
+                         help="stream of dead letters (input, stage, reason)")
+        out.add_argument("--redis_window_prefix", default=_REDIS.window_prefix,
+                         help="per-window label counts go to hashes PREFIX<window start>")
         out.add_argument("--redis_stats_key", default=_REDIS.stats_key,
                          help="hash of all-time totals (results, dead letters)")
         out.add_argument("--redis_stream_maxlen", type=int, default=_REDIS.stream_maxlen,
