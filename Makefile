@@ -4,10 +4,15 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 MODEL_DIR ?= models/bert_sentiment
+# Extra flags for `model build` (the tests pass --tiny) and for the job `make run` starts.
+MODEL_BUILD_FLAGS ?=
+RUN_ARGS ?=
 export BERTSTREAM_CACHE ?= $(HOME)/.cache/bertstream
 PYTEST_ARGS ?=
+PRISM := $(BERTSTREAM_CACHE)/bin/prism
+PRISM_VERSION := v2.77.0
 
-.PHONY: help setup venv redis emulator model jars run test bench lint reliability constraints clean
+.PHONY: help setup venv redis emulator model jars crd prism run test bench lint reliability constraints clean
 
 help:
 	@echo "make run          set up, then run the pipeline on its embedded defaults (DirectRunner)"
@@ -15,9 +20,12 @@ help:
 	@echo "make bench        set up, then run the benchmarks (JSON on the last line of each)"
 	@echo "make reliability  set up, then the full fault and load suite"
 	@echo "make lint         ruff over the project"
-	@echo "make setup        venv + pip install + redis-server + the default model (cached)"
+	@echo "make setup        everything any target needs: venv + pip install, redis-server, the"
+	@echo "                  default model (cached), the Pub/Sub emulator check, the Flink jars,"
+	@echo "                  the Flink operator CRD, Prism, chromium"
 
-setup: venv redis emulator model jars
+# `make run` needs only venv, redis and model; the rest is set up by the targets that use it.
+setup: venv redis emulator model jars crd prism chromium
 
 venv: $(VENV)/.installed
 
@@ -46,7 +54,7 @@ emulator: venv
 	p = find_pubsub_emulator(); print('Pub/Sub emulator:', p or 'NOT FOUND - ' + h); sys.exit(0 if p else 1)"
 
 model: venv
-	$(PY) -m model build --out $(MODEL_DIR)
+	$(PY) -m model build --out $(MODEL_DIR) $(MODEL_BUILD_FLAGS)
 
 # The Beam Flink job server and the GCP expansion service (Maven, cached once).
 jars: venv
@@ -56,8 +64,23 @@ jars: venv
 	  echo "mvn and a JDK (javac) are needed for the Flink runner's jars: sudo apt-get install -y maven openjdk-17-jdk-headless"; exit 1; \
 	fi
 
-run: setup
-	$(PY) -m pipeline --runner=DirectRunner --model_dir $(MODEL_DIR)
+# The Flink operator's FlinkDeployment CRD for the manifest tests (Maven Central, once).
+crd: venv
+	@$(PY) -m launcher fetch-crd
+
+# Prism, Beam's portable local runner (a Go binary), for the PrismRunner tests.
+prism: $(PRISM)
+
+$(PRISM):
+	@if command -v go >/dev/null; then \
+	  echo "building Prism $(PRISM_VERSION) with go install (about two minutes, once)"; \
+	  GOBIN=$(BERTSTREAM_CACHE)/bin go install github.com/apache/beam/sdks/v2/go/cmd/prism@$(PRISM_VERSION); \
+	else \
+	  echo "go is needed to build Prism (the PrismRunner tests run on it): install Go 1.26 or later (https://go.dev/dl/), or put a prism binary at $(PRISM)"; exit 1; \
+	fi
+
+run: venv redis model
+	$(PY) -m pipeline --runner=DirectRunner --model_dir $(MODEL_DIR) $(RUN_ARGS)
 
 # Headless Chromium + its WebDriver for the dashboard's browser tests (tests/test_dashboard.py).
 .PHONY: chromium
@@ -72,13 +95,13 @@ chromium:
 	fi
 
 # pytest exits 5 when it collected no test: that is a failure here, like any other non-zero code.
-test: setup chromium
+test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-reliability: setup
+reliability: venv redis emulator model jars
 	$(PY) -m tests.reliability.run
 
-bench: setup
+bench: venv redis emulator model jars
 	$(PY) benchmarks/model_throughput.py --model $(MODEL_DIR)
 	$(PY) benchmarks/throughput.py --model_dir $(MODEL_DIR) --inference tfserving
 	$(PY) benchmarks/latency.py --model_dir $(MODEL_DIR) --seconds 60

@@ -1,4 +1,4 @@
-"""``python -m launcher {fetch-jars,flink,dataflow} [flags]``."""
+"""``python -m launcher {fetch-jars,fetch-crd,flink,dataflow} [flags]``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ USAGE = """usage: python -m launcher COMMAND [flags]
 
   fetch-jars [--flink_version V] [--force]   cache the Beam Flink job server and the GCP
                                              expansion service (Maven Central, once)
+  fetch-crd  [--force]                       cache the Flink operator's FlinkDeployment
+                                             CRD (Maven Central, once; manifest tests)
   flink      [pipeline flags] --flink_master HOST:PORT|[local] [...]   run on Flink
   dataflow   [pipeline flags] --project P --region R --temp_location gs://... [...]
 
@@ -37,6 +39,11 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--force", action="store_true", help="fetch again")
             flags = p.parse_args(rest)
             print(jars.fetch(flags.flink_version, flags.force))
+            return 0
+        if command == "fetch-crd":
+            from launcher import jars
+
+            print(jars.fetch_crd(force="--force" in rest))
             return 0
         if command == "flink":
             from launcher import flink

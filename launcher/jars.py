@@ -18,12 +18,15 @@ versioned; the tests run that pair. The cache is ``$BERTSTREAM_CACHE`` or
 ``~/.cache/bertstream``.
 """
 
+import hashlib
+import io
 import logging
 import os
 import re
 import shutil
 import subprocess
 import tempfile
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -38,6 +41,15 @@ JOB_SERVER_MAIN = "org.apache.beam.runners.flink.FlinkJobServerDriver"
 EXPANSION_MAIN = "LoopbackExpansionService"
 _JAVA_SOURCE = JAVA_DIR / f"{EXPANSION_MAIN}.java"
 MAVEN_HINT = "mvn and a JDK (javac) are needed: sudo apt-get install -y maven openjdk-17-jdk-headless"
+# The Flink Kubernetes Operator's FlinkDeployment CRD, which the manifest tests
+# validate k8s/ against. It ships in the operator's API jar on Maven Central;
+# 1.10.0 is the newest served there from here (k8s/README.md installs 1.15.0).
+FLINK_OPERATOR_API_VERSION = "1.10.0"
+_OPERATOR_API_JAR = ("https://repo1.maven.org/maven2/org/apache/flink/"
+                     "flink-kubernetes-operator-api/{v}/flink-kubernetes-operator-api-{v}.jar")
+_OPERATOR_API_SHA256 = {
+    "1.10.0": "b1f44814e17514fa8395c61b329a3ee9087123a5bda5b21fe1a495d5182c30b6"}
+_CRD_NAME = "flinkdeployments.flink.apache.org-v1.yml"
 
 
 def cache_dir() -> Path:
@@ -138,4 +150,35 @@ def fetch(flink_version: str = DEFAULT_FLINK_VERSION, force: bool = False) -> Pa
     write_launcher_jar(expansion_service_jar(flink_version), EXPANSION_MAIN, lib, compiled)
     (target / "READY").write_text(_ready_text(flink_version))
     _LOG.info("jars ready in %s", target)
+    return target
+
+
+def crd_path(version: str = FLINK_OPERATOR_API_VERSION) -> Path:
+    """Where ``fetch_crd`` puts the FlinkDeployment CRD of operator ``version``."""
+    return cache_dir() / "crds" / f"flink-kubernetes-operator-{version}" / _CRD_NAME
+
+
+def fetch_crd(version: str = FLINK_OPERATOR_API_VERSION, force: bool = False) -> Path:
+    """Downloads the operator's API jar once (checked against its pinned sha256)
+    and keeps the FlinkDeployment CRD from its ``META-INF/fabric8/``."""
+    target = crd_path(version)
+    if target.is_file() and not force:
+        return target
+    url = _OPERATOR_API_JAR.format(v=version)
+    _LOG.info("fetching the FlinkDeployment CRD from %s", url)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            jar = response.read()
+    except OSError as err:
+        raise FileNotFoundError(f"could not download {url} ({err}): the manifest tests "
+                                "need the Flink operator's CRD from Maven Central") from None
+    digest = hashlib.sha256(jar).hexdigest()
+    if digest != _OPERATOR_API_SHA256[version]:
+        raise ValueError(f"{url}: sha256 {digest}, expected {_OPERATOR_API_SHA256[version]}")
+    with zipfile.ZipFile(io.BytesIO(jar)) as archive:
+        crd = archive.read(f"META-INF/fabric8/{_CRD_NAME}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    tmp.write_bytes(crd)
+    tmp.replace(target)
     return target

@@ -5,6 +5,12 @@ What a cluster would reject or get wrong is checked here instead:
 - every standard object passes kubernetes-validate --strict for Kubernetes
   K8S_VERSION, the FlinkDeployment passes the Flink operator's CRD schema and its
   pod templates pass the Pod schema;
+- the CRD is operator CRD_VERSION's, from the operator's API jar on Maven Central
+  (`python -m launcher fetch-crd`, part of `make test`'s set-up): the newest version
+  served there from here. k8s/README.md installs operator OPERATOR_VERSION: its
+  FlinkDeployment schema has the same top-level spec fields and adds flinkVersion
+  v2_0..v2_2; the manifests (flinkVersion v1_19) passed both schemas when this was
+  written, and a field newer than CRD_VERSION would fail here, not in a cluster;
 - the policy the system promises: restricted Pod Security on every pod,
   resources, probes, pinned images, NetworkPolicies, no secret values;
 - the wiring between objects: selectors, ports and names that refer to others;
@@ -28,12 +34,16 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from launcher.jars import FLINK_OPERATOR_API_VERSION as CRD_VERSION
+from launcher.jars import crd_path
+
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 OVERLAYS = ["dev", "gke"]
 # The newest minor GKE's regular channel offers; kubernetes-validate ships it.
 K8S_VERSION = "1.33.0"
-CRD_FILE = "flinkdeployments-crd-1.15.0.yml"
+# The operator version k8s/README.md installs (the CRD checked is CRD_VERSION's).
+OPERATOR_VERSION = "1.15.0"
 NAMESPACE = "bertstream"
 
 # Created out of band (k8s/README.md, "Secrets"), so absent from a render.
@@ -87,20 +97,15 @@ def overlay(request) -> tuple[str, list[Obj]]:
 
 
 def crd_schema() -> Obj:
-    candidates = []
-    if os.environ.get("BERTSTREAM_SHARED"):
-        candidates.append(Path(os.environ["BERTSTREAM_SHARED"]))
-    candidates += [ROOT.parent / "shared", ROOT / "shared"]
-    for shared in candidates:
-        path = shared / "schemas" / CRD_FILE
-        if path.is_file():
-            crd = yaml.safe_load(path.read_text())
-            (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1beta1"]
-            return version["schema"]["openAPIV3Schema"]
-    pytest.fail(
-        f"the Flink operator CRD {CRD_FILE} is not in {[str(c) for c in candidates]}: "
-        "set BERTSTREAM_SHARED to the directory that holds schemas/"
-    )
+    path = crd_path()
+    if not path.is_file():
+        pytest.fail(
+            f"the Flink operator {CRD_VERSION} CRD is not in {path}: run "
+            "`python -m launcher fetch-crd` (or `make crd`; Maven Central, once)"
+        )
+    crd = yaml.safe_load(path.read_text())
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1beta1"]
+    return version["schema"]["openAPIV3Schema"]
 
 
 # --- walking the rendered objects -----------------------------------------------------
@@ -752,7 +757,7 @@ def test_dockerfile_is_pinned_non_root_and_copies_what_exists(dockerfile: Path):
 
 def test_readme_walks_through_a_deployment():
     readme = (K8S / "README.md").read_text()
-    operator_version = re.search(r"crd-(\d+\.\d+\.\d+)", CRD_FILE).group(1)
+    operator_version = OPERATOR_VERSION
     for needle in (
         "docker build",
         "docker push",
