@@ -421,6 +421,16 @@ def train(cfg: BuildConfig, export_dir: Path) -> tuple[dict, SentimentModule]:
     return card, module
 
 
+_CALIBRATION_FIT = {
+    "none": "nothing fitted",
+    "temperature": "temperature by minimum log-loss",
+    "bias": "temperature and biases by minimum log-loss",
+    "polar": "temperature and biases by minimum log-loss, then the neutral and "
+             "positive-vs-negative biases shifted to the best mean of accuracy and strict "
+             "polar accuracy",
+}
+
+
 def _source(package: data.Package, rows: int, role: str) -> dict:
     return {"package": package.name, "version": package.version, "sha256": package.sha256,
             "licence": package.licence, "rows": rows, "role": role}
@@ -479,7 +489,7 @@ def _card(cfg, encoder_package, train_rows, source_rows, evals, best_epoch, temp
                         "formula": "probabilities = softmax(logits / temperature + bias), "
                                    "inside the SavedModel",
                         "fitted_on": f"out-of-domain validation ({len(evals['ood_validation'])} "
-                                     "rows), minimum negative log-likelihood"},
+                                     "rows): " + _CALIBRATION_FIT[cfg.calibration]},
         "max_sequence_length": cfg.max_length,
         "signatures": {"serving_default": "text: string[batch] -> probabilities "
                                           "float32[batch,3], class_id int64[batch]",
