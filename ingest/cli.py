@@ -98,7 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start over at the end, shifting created_at and ids so the pipeline "
                         "sees new tweets; stop with Ctrl-C or SIGTERM")
     r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bar on stderr (default: when stderr is a terminal)")
+                   help="progress bar on stderr (default: when stderr is a terminal); off a "
+                        "terminal, a log line every 10 s")
+    r.add_argument("--publish-bad", action="store_true",
+                   help="publish lines that are not valid tweets too, as they are (with a "
+                        "tweet_id attribute where one can be read), so that the pipeline "
+                        "dead-letters them; they are still reported and counted as bad")
     _publish_flags(r)
     return parser
 
@@ -192,7 +197,7 @@ def _replay(args: argparse.Namespace, stop: threading.Event) -> Totals:
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     return replay(args.file, check_topic_path(args.topic), speed=args.speed, loop=args.loop,
                   settings=_settings(args), create_topic=args.create_topic,
-                  progress=progress, stop=stop)
+                  progress=progress, stop=stop, publish_bad=args.publish_bad)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,11 +47,15 @@ class TweetMessage(NamedTuple):
         test checks): building the proto-plus message per tweet cost a fifth of
         the publish path's CPU.
         """
-        size = _field_size(len(self.data)) if self.data else 0
-        for key, value in self.attributes.items():
-            entry = _field_size(len(key.encode())) + _field_size(len(value.encode()))
-            size += _field_size(entry)
-        return size
+        return _message_size(self.data, self.attributes)
+
+
+def _message_size(data: bytes, attributes: dict[str, str]) -> int:
+    size = _field_size(len(data)) if data else 0
+    for key, value in attributes.items():
+        entry = _field_size(len(key.encode())) + _field_size(len(value.encode()))
+        size += _field_size(entry)
+    return size
 
 
 def _field_size(length: int) -> int:
@@ -146,6 +150,42 @@ def to_message(tweet: Any) -> TweetMessage:
         # JSON may carry "\ud800" escapes that decode to lone surrogates.
         raise BadTweet("text is not valid Unicode (lone surrogate)") from None
     message = TweetMessage(data, tweet_id, format_time(event_time), event_time)
+    if message.size > PUBSUB_MAX_REQUEST_BYTES - _REQUEST_OVERHEAD_BYTES:
+        raise BadTweet(f"message is {message.size} bytes, over Pub/Sub's 10 MB limit "
+                       f"({PUBSUB_MAX_REQUEST_BYTES} bytes per publish request)")
+    return message
+
+
+class RawMessage(NamedTuple):
+    """A line that is not a valid tweet, published as it is (``replay --publish-bad``):
+    the pipeline then dead-letters it with its own reason, as it does on a file."""
+
+    data: bytes
+    tweet_id: str  # "" when no valid id can be read from it
+
+    @property
+    def attributes(self) -> dict[str, str]:
+        return {"tweet_id": self.tweet_id} if self.tweet_id else {}
+
+    @property
+    def size(self) -> int:
+        return _message_size(self.data, self.attributes)
+
+
+def raw_message(raw: bytes) -> RawMessage:
+    """``raw`` unchanged, with a ``tweet_id`` attribute where a valid id can be read.
+
+    Raises:
+      BadTweet: the line is too large for any Pub/Sub request.
+    """
+    tweet_id = ""
+    try:
+        tweet = parse_json(raw)
+        if isinstance(tweet, dict):
+            tweet_id = _tweet_id(tweet)
+    except BadTweet:
+        pass
+    message = RawMessage(raw, tweet_id)
     if message.size > PUBSUB_MAX_REQUEST_BYTES - _REQUEST_OVERHEAD_BYTES:
         raise BadTweet(f"message is {message.size} bytes, over Pub/Sub's 10 MB limit "
                        f"({PUBSUB_MAX_REQUEST_BYTES} bytes per publish request)")

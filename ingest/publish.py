@@ -20,7 +20,7 @@ from google.api_core import exceptions as api_exceptions
 from google.cloud import pubsub_v1
 from google.cloud.pubsub_v1.publisher import exceptions as publisher_exceptions
 
-from ingest.message import BadTweet, TweetMessage
+from ingest.message import BadTweet, RawMessage, TweetMessage
 
 _LOG = logging.getLogger(__name__)
 
@@ -53,7 +53,9 @@ class Totals:
     ``received`` counts inputs (file lines or stream payloads). Every received
     input is exactly one of: published, failed (Pub/Sub refused it after
     retries), bad (skipped with a reason), or not yet settled when a run was
-    killed hard.
+    killed hard. With ``replay --publish-bad`` a bad line is published too:
+    ``bad_published`` counts those, which are also in ``bad`` and in
+    ``published`` (or ``failed``).
     """
 
     received: int = 0
@@ -61,6 +63,7 @@ class Totals:
     failed: int = 0
     bad: int = 0
     bad_lines: list[BadLine] = field(default_factory=list)
+    bad_published: int = 0
     elapsed_s: float = 0.0
     error: str = ""
 
@@ -72,6 +75,7 @@ class Totals:
     def as_dict(self) -> dict:
         return {"received": self.received, "published": self.published, "failed": self.failed,
                 "bad": self.bad, "bad_lines": [b.line for b in self.bad_lines],
+                **({"bad_published": self.bad_published} if self.bad_published else {}),
                 "elapsed_s": round(self.elapsed_s, 3), "messages_per_s": round(self.rate, 1),
                 **({"error": self.error} if self.error else {})}
 
@@ -139,7 +143,7 @@ class TweetPublisher:
         self.failed = 0
         self._closed = False
 
-    def publish(self, message: TweetMessage) -> None:
+    def publish(self, message: TweetMessage | RawMessage) -> None:
         """Queues one message; its future is checked when it settles.
 
         Raises:

@@ -2,7 +2,9 @@
 
 Inter-arrival times come from ``created_at``, divided by ``speed`` (0 = as fast
 as publishing allows), so a recorded stream exercises the pipeline's windows
-the way the live one did. Bad lines are skipped and reported by line number.
+the way the live one did. Bad lines are skipped and reported by line number,
+or, with ``publish_bad``, also published as they are (the pipeline dead-letters
+them).
 
 Example::
 
@@ -22,7 +24,15 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from ingest.message import BadTweet, TweetMessage, format_time, parse_json, parse_time, to_message
+from ingest.message import (
+    BadTweet,
+    TweetMessage,
+    format_time,
+    parse_json,
+    parse_time,
+    raw_message,
+    to_message,
+)
 from ingest.progress import Progress
 from ingest.publish import BadLine, PublishSettings, Totals, TweetPublisher
 
@@ -93,7 +103,8 @@ class _Pacer:
 
 def replay(path: str | Path | None, topic: str, speed: float = 1.0, loop: bool = False,
            settings: PublishSettings = PublishSettings(), create_topic: bool = False,
-           progress: bool = False, stop: threading.Event | None = None) -> Totals:
+           progress: bool = False, stop: threading.Event | None = None,
+           publish_bad: bool = False) -> Totals:
     """Publishes every good line of ``path`` to ``topic``.
 
     Args:
@@ -106,6 +117,9 @@ def replay(path: str | Path | None, topic: str, speed: float = 1.0, loop: bool =
       progress: draw a progress bar on stderr.
       stop: set it (a signal handler does) to end early; what was read is
         still published before this returns.
+      publish_bad: publish lines that are not valid tweets too, unchanged, with
+        a ``tweet_id`` attribute where a valid id can be read and no ``event_ts``
+        (the pipeline takes the publish time); they are still counted as bad.
 
     Returns:
       The totals, after every publish future has settled.
@@ -147,6 +161,8 @@ def replay(path: str | Path | None, topic: str, speed: float = 1.0, loop: bool =
                         publisher.publish(message)
                     except BadTweet as exc:
                         _bad(totals, number, str(exc), passes)
+                elif publish_bad:
+                    _publish_raw(publisher, raw, totals)
                 if bar:
                     bar.update(read, publisher.published)
                 if stop.is_set():
@@ -164,6 +180,16 @@ def replay(path: str | Path | None, topic: str, speed: float = 1.0, loop: bool =
             bar.finish(read, publisher.published)
     _LOG.info("replay done: %s", totals.as_dict())
     return totals
+
+
+def _publish_raw(publisher: TweetPublisher, raw: bytes, totals: Totals) -> None:
+    """A bad line, as it is; one too large for Pub/Sub stays skipped."""
+    try:
+        publisher.publish(raw_message(raw))
+    except BadTweet as exc:
+        _LOG.warning("bad line not published either: %s", exc)
+        return
+    totals.bad_published += 1
 
 
 def _message_or_bad(raw: bytes, number: int, passes: int, period: timedelta,

@@ -1,0 +1,81 @@
+"""``ingest replay --publish-bad``: the sample's bad lines reach Pub/Sub as they are,
+so a streaming job dead-letters them as a file run does (issue 20's walkthrough)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+
+from ingest.message import BadTweet, raw_message
+from ingest.replay import default_sample, replay
+from tests.test_ingest_replay import pull_all
+from tests.test_pipeline_integration import _start_streaming_job, _wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+# The sample's malformed lines (pipeline/data/README.md) and the id each one
+# carries that is valid where the line is read as JSON.
+BAD_LINES = {21: "", 56: "", 91: "", 126: "1990000000000000003",
+             171: "1990000000000000004", 211: "", 251: "1990000000000000006"}
+
+
+def test_raw_message_keeps_the_bytes_and_reads_an_id_where_it_can():
+    assert raw_message(b'{"id": "12", "text": ""}').attributes == {"tweet_id": "12"}
+    assert raw_message(b'{"id": 12.5, "text": "x"}').attributes == {}
+    assert raw_message(b"\xff\xfe not utf-8").data == b"\xff\xfe not utf-8"
+    assert raw_message(b'["an", "array"]').attributes == {}
+    with pytest.raises(BadTweet, match="10 MB"):
+        raw_message(b"x" * 10_000_000)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_publish_bad_sends_the_sample_bad_lines_unchanged(pubsub_names):
+    totals = replay(None, pubsub_names["topic"], speed=0, publish_bad=True)
+    assert (totals.published, totals.failed, totals.bad, totals.bad_published) == (300, 0, 7, 7)
+    assert [b.line for b in totals.bad_lines] == sorted(BAD_LINES)
+    assert totals.as_dict()["bad_published"] == 7
+    lines = default_sample().read_bytes().splitlines()
+    got = pull_all(pubsub_names["subscription"], expect=300)
+    bad = [m.message for m in got if "event_ts" not in m.message.attributes]
+    assert len(got) == 300 and len(bad) == 7
+    expected = {lines[n - 1]: tweet_id for n, tweet_id in BAD_LINES.items()}
+    assert {m.data: m.attributes.get("tweet_id", "") for m in bad} == expected
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_without_publish_bad_the_bad_lines_stay_out(pubsub_names):
+    totals = replay(None, pubsub_names["topic"], speed=0)
+    assert (totals.published, totals.bad, totals.bad_published) == (293, 7, 0)
+    assert "bad_published" not in totals.as_dict()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_streaming_job_dead_letters_the_published_bad_lines(pubsub_names, redis_url,
+                                                            tiny_model_dir):
+    """The walkthrough's path: replay --publish-bad into a running job gives the file
+    run's figures, 292 results and 7 dead letters (the bad lines carry no event_ts:
+    their event time is their publish time)."""
+    client = redis.Redis.from_url(redis_url)
+    result = _start_streaming_job(pubsub_names["subscription"], redis_url, tiny_model_dir)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "ingest", "replay", "--topic", pubsub_names["topic"],
+             "--speed", "0", "--publish-bad"],
+            cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        summary = json.loads(done.stdout.splitlines()[-1])
+        assert summary["published"] == 300 and summary["bad_published"] == 7
+        _wait_for(client, 292, 7)
+    finally:
+        result.cancel()
+    assert client.xlen("sentiment:results") == 292
+    dead = client.xrange("sentiment:deadletter")
+    assert len(dead) == 7 and {f[b"stage"] for _, f in dead} == {b"parse"}
