@@ -1,7 +1,10 @@
 """``python -m pipeline.subscribe``: watch results arrive.
 
-Prints one line per result (label, score, latency since event time, text) and
-one summary line per window. ``--from-start`` first replays the results
+Prints one line per result (label, score, latency, text) and one summary line
+per window. The latency is from the Pub/Sub publish to the result
+(``processed_at - published_at``), marked ``pub``; a result of file input has
+no publish time, so its latency is from the tweet's own time (``created_at``,
+which for the dated sample is days ago), marked ``event``. ``--from-start`` first replays the results
 stream, then follows the live channel; results seen in both are printed once.
 A subscriber that Redis cut off (its pub/sub output buffer limit) can start
 again with ``--from-start`` and miss nothing the stream still holds.
@@ -22,6 +25,26 @@ from transforms.records import seconds_from_iso
 from transforms.redis_sink import RedisConfig, connect, redacted
 
 _DEFAULT = RedisConfig()
+
+
+LEGEND = ("# label, score, latency, text; latency 'pub' = Pub/Sub publish -> result, "
+          "'event' = the tweet's created_at -> result (file input has no publish time)")
+
+
+def latency_of(body: dict) -> tuple[float, str]:
+    """Seconds to the result and what they are measured from: ``pub`` (the
+    Pub/Sub publish time) where the result has one, else ``event`` (the
+    tweet's event time). NaN when the result lacks the times."""
+    try:
+        done = seconds_from_iso(body["processed_at"])
+    except (KeyError, TypeError, ValueError):
+        done = time.time()
+    start, kind = ((body.get("published_at"), "pub") if body.get("published_at")
+                   else (body.get("event_time"), "event"))
+    try:
+        return done - seconds_from_iso(start), kind
+    except (TypeError, ValueError, AttributeError):
+        return float("nan"), kind
 
 
 class Printer:
@@ -50,17 +73,14 @@ class Printer:
             self.flush_window()
         self.window = window
         self.tally[body.get("label", "?")] += 1
-        try:
-            latency = time.time() - seconds_from_iso(body["event_time"])
-        except (KeyError, ValueError):
-            latency = float("nan")
+        latency, kind = latency_of(body)
         self.latencies.append(latency)
         if self.as_json:
             print(json.dumps(body, ensure_ascii=False), file=self.out, flush=True)
         elif not self.quiet:
             text = " ".join(str(body.get("text", "")).split())
             print(f"{body.get('label', '?'):<8} {float(body.get('score', 0)):.2f} "
-                  f"{latency:8.2f}s  {text[:120]}", file=self.out, flush=True)
+                  f"{latency:8.2f}s {kind:<5}  {text[:120]}", file=self.out, flush=True)
         return body
 
     def flush_window(self) -> None:
@@ -115,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         pubsub = client.pubsub(ignore_subscribe_messages=True)
         # Subscribe before reading the stream, so nothing falls in between.
         pubsub.subscribe(args.redis_channel)
+        if not (args.json or args.quiet):
+            print(LEGEND, file=sys.stderr, flush=True)
         if args.from_start:
             replay_stream(client, args.redis_stream, printer)
         print(f"# following {args.redis_channel} on {redacted(args.redis_url)} "
