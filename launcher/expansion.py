@@ -26,7 +26,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from pipeline.local_servers import _LocalServer, _wait_for_port, free_port
+from pipeline.local_servers import _LocalServer, _wait_for_port, die_with_parent, free_port
 from pipeline.pipeline import ReadTweets
 
 _LOG = logging.getLogger(__name__)
@@ -56,7 +56,8 @@ class _JavaServer(_LocalServer):
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(["java", *self.args()], stdout=log,
                                          stderr=subprocess.STDOUT, env=env,
-                                         start_new_session=True)
+                                         start_new_session=True,
+                                         preexec_fn=die_with_parent)
         return self
 
     def wait_ready(self, timeout: float = 120.0):

@@ -1,12 +1,15 @@
 """``python -m launcher flink``: the job on Flink through Beam's portable runner.
 
-Locally (``--flink_master=[local]``) Beam's Flink job server, from the jars
-``python -m launcher fetch-jars`` cached, runs an embedded Flink and the Python
-SDK worker runs in this process (LOOPBACK). Against a cluster, the SDK workers
+Locally (``--flink_master=[local]``) this launcher starts, side by side and
+on 127.0.0.1, Beam's Flink job server (an embedded Flink, from the jars
+``python -m launcher fetch-jars`` cached) and a Python SDK worker pool
+(``pipeline.worker_pool``), submits the job and, on Ctrl-C or SIGTERM,
+cancels it before stopping them by PID. Against a cluster, the SDK workers
 are the worker-pool sidecars (``--environment_type=EXTERNAL
---environment_config=localhost:50000``). Pub/Sub is read through Beam's Java
-cross-language transform; this launcher starts its expansion service on
-127.0.0.1 unless ``--expansion_service`` names one.
+--environment_config=localhost:50000``). Pub/Sub is read by the job's own
+pull source (``--pubsub_read=xlang``: Beam's Java PubsubIO, through an
+expansion service this launcher starts unless ``--expansion_service`` names
+one).
 """
 
 from __future__ import annotations
@@ -46,8 +49,8 @@ def parser():
                         "completes); 0 turns them off")
     p.add_argument("--environment_type", choices=("LOOPBACK", "EXTERNAL", "DOCKER", "PROCESS"),
                    default=None,
-                   help="where the Python SDK workers run (default: LOOPBACK for [local], "
-                        "EXTERNAL otherwise)")
+                   help="where the Python SDK workers run (default for [local]: a worker "
+                        "pool this launcher starts on 127.0.0.1; EXTERNAL otherwise)")
     p.add_argument("--environment_config", default=None,
                    help="EXTERNAL: the worker pool's HOST:PORT; DOCKER: the SDK image")
     p.add_argument("--expansion_service", default=None,
@@ -70,14 +73,18 @@ class FlinkLaunch:
     pipeline_flags: list[str]
     job_server_jar: str | None = None
     expansion_jar: str | None = None
+    # Whether this launcher starts the SDK worker pool (local runs).
+    local_workers: bool = False
     extra: dict = field(default_factory=dict)
 
     @classmethod
     def parse(cls, argv: list[str]) -> FlinkLaunch:
         flags, rest = parser().parse_known_args(argv)
+        launch_workers = flags.environment_type is None and flags.flink_master == "[local]"
         if flags.environment_type is None:
-            flags.environment_type = "LOOPBACK" if flags.flink_master == "[local]" else "EXTERNAL"
-        if flags.environment_type == "EXTERNAL" and not flags.environment_config:
+            flags.environment_type = "EXTERNAL"
+        if flags.environment_type == "EXTERNAL" and not flags.environment_config \
+                and not launch_workers:
             raise ValueError("--environment_type=EXTERNAL needs --environment_config "
                                  "HOST:PORT (the SDK worker pool)")
         if flags.parallelism < 1:
@@ -85,6 +92,7 @@ class FlinkLaunch:
         if flags.checkpointing_interval_ms < 0:
             raise ValueError("--checkpointing_interval_ms must not be negative")
         launch = cls(flags, rest)
+        launch.local_workers = launch_workers
         if not _has_flag(rest, "--job_endpoint"):
             job_server, expansion = (jars.job_server_jar(flags.flink_version),
                                      jars.expansion_service_jar(flags.flink_version))
@@ -101,12 +109,15 @@ class FlinkLaunch:
         o = BertstreamOptions(self.pipeline_flags)
         return o.is_pubsub and o.pubsub_read == "xlang"
 
-    def argv(self, expansion_address: str | None = None) -> list[str]:
+    def argv(self, expansion_address: str | None = None,
+             workers_address: str | None = None) -> list[str]:
         """The pipeline's command line: its own flags plus the runner's."""
         f = self.flags
         out = ["--runner=FlinkRunner", f"--flink_master={f.flink_master}",
                f"--flink_version={f.flink_version}", f"--parallelism={f.parallelism}",
                f"--environment_type={f.environment_type}"]
+        if self.local_workers:
+            out.append(f"--environment_config={workers_address or '127.0.0.1:<port chosen at start>'}")
         if self.job_server_jar:
             # Explicit, so Beam never downloads a job server at run time.
             out.append(f"--flink_job_server_jar={self.job_server_jar}")
@@ -115,7 +126,7 @@ class FlinkLaunch:
         if f.checkpointing_interval_ms:
             # A runner option the job server declares (Java's checkpointingInterval).
             out.append(f"--checkpointing_interval={f.checkpointing_interval_ms}")
-        if f.environment_type != "LOOPBACK" and not f.no_setup_file \
+        if f.environment_type != "LOOPBACK" and not self.local_workers and not f.no_setup_file \
                 and not _has_flag(self.pipeline_flags, "--setup_file"):
             out.append(f"--setup_file={SETUP_FILE}")
         out += self.pipeline_flags
@@ -140,6 +151,10 @@ class RunningJob:
     result: object
     argv: list[str]
     submitted_s: float
+    # The local servers this launcher started, by name (their log files).
+    servers: dict = field(default_factory=dict)
+    # The state the runner reported when the job was cancelled on exit.
+    final_state: str | None = None
 
     def cancel(self, timeout_s: float = 60.0) -> str:
         """Cancels the job and waits until Flink says it ended; returns the state."""
@@ -169,18 +184,24 @@ def flink_job(argv: list[str]) -> Iterator[RunningJob]:
     import launcher.common  # noqa: F401 - registers JavaRuntimeOptions
     from launcher.expansion import LocalFlinkJobServer
     from pipeline.pipeline import make_options, run
+    from pipeline.worker_pool import LocalWorkerPool
 
     launch = FlinkLaunch.parse(argv)
     if launch.job_server_jar:
         jars.require(launch.flags.flink_version)
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
+        # Stopped in reverse: the job server first (the job is cancelled by
+        # then), so that no runner outlives the SDK workers it talks to.
         servers = []
-        expansion = job_server = None
+        expansion = job_server = workers = None
         if launch.reads_pubsub_xlang and not launch.flags.expansion_service:
             expansion = LocalExpansionService(launch.expansion_jar,
                                               launch.flags.java_environment_type)
             servers.append(expansion)
+        if launch.local_workers:
+            workers = LocalWorkerPool()
+            servers.append(workers)
         if launch.job_server_jar and launch.flags.flink_master == "[local]":
             job_server = LocalFlinkJobServer(launch.job_server_jar)
             servers.append(job_server)
@@ -193,31 +214,21 @@ def flink_job(argv: list[str]) -> Iterator[RunningJob]:
             import tfx_bsl.beam.run_inference  # noqa: F401
         for server in servers:
             server.wait_ready()
-        pipeline_argv = launch.argv(expansion.address if expansion else None)
+        pipeline_argv = launch.argv(expansion.address if expansion else None,
+                                    workers.address if workers else None)
         if job_server is not None:
             pipeline_argv += job_server.endpoint_flags()
         pipeline = beam.Pipeline(options=make_options(pipeline_argv))
         result, _ = run(pipeline_argv, test_pipeline=pipeline)
-        job = RunningJob(result, pipeline_argv, time.monotonic() - started)
+        job = RunningJob(result, pipeline_argv, time.monotonic() - started,
+                         {server.name: server for server in servers})
         _LOG.info("submitted in %.1fs, state %s", job.submitted_s, result.state)
         try:
             yield job
         finally:
             if not launch.flags.detach:
-                _LOG.info("job ended %s", job.cancel())
-                _wait_for_local_workers()
-
-
-def _wait_for_local_workers(timeout_s: float = 15.0) -> None:
-    """Waits until the LOOPBACK SDK workers in this process have let go of the
-    job server (Flink stops them once the cancelled job is torn down), so that
-    stopping it does not cut their streams mid-call."""
-    import threading
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and any(
-            t.name.startswith("run_worker") for t in threading.enumerate()):
-        time.sleep(0.2)
+                job.final_state = job.cancel()
+                _LOG.info("job ended %s", job.final_state)
 
 
 def main(argv: list[str]) -> int:

@@ -47,6 +47,16 @@ def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float, what: str)
     raise TimeoutError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:.0f}s")
 
 
+def die_with_parent() -> None:
+    """For ``subprocess.Popen(preexec_fn=...)``: the child is killed when the
+    process that started it dies, even by SIGKILL (Linux ``PR_SET_PDEATHSIG``),
+    so a killed launcher leaves no job server running a job on its own."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
 def stop_process_group(proc: subprocess.Popen, sig: int = signal.SIGTERM,
                        timeout: float = 15.0) -> int | None:
     """Sends ``sig`` to ``proc``'s process group (it was started with

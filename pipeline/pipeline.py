@@ -19,16 +19,16 @@ from apache_beam.transforms import window
 from pipeline import runners
 from pipeline.direct_runner import ACK_ID_ATTRIBUTE
 from pipeline.options import SAMPLE_TWEETS, BertstreamOptions
-from transforms.dedupe import REPLAY_PREFIX, DedupeByTweetId
+from transforms.dedupe import DedupeByTweetId
 from transforms.inference import RunSentiment, TokenCounter, local_handler
 from transforms.parse import ParseTweets
 from transforms.pubsub import (
-    SOURCE_PREFIX,
     AcknowledgeMessages,
     PullFromPubSub,
+    envelope,
     subscription_for_topic,
 )
-from transforms.records import Envelope, iso_from_seconds
+from transforms.records import Envelope
 from transforms.redis_sink import WriteDeadLetters, WriteToRedis
 from transforms.windowing import WindowByEventTime
 
@@ -50,12 +50,9 @@ def envelope_of(message) -> Envelope:
     on the adjusted DirectRunner its ack id travels in an attribute."""
     attributes = dict(message.attributes or {})
     ack_id = attributes.pop(ACK_ID_ATTRIBUTE, "")
-    source_id = f"{SOURCE_PREFIX}{message.message_id or attributes.get('tweet_id') or ''}"
-    if attributes.get("replay"):  # set by pipeline.replay_deadletter
-        source_id = f"{REPLAY_PREFIX}{attributes['replay']}/{source_id}"
     published = getattr(message, "publish_time", None)
-    return Envelope(source_id, message.data, ack_id,
-                    iso_from_seconds(published.timestamp()) if published else "")
+    return envelope(message.message_id, message.data, attributes, ack_id,
+                    published.timestamp() if published else None)
 
 
 class ReadTweets(beam.PTransform):

@@ -1,15 +1,16 @@
 """The job on a real embedded Flink: Pub/Sub emulator -> Flink -> RunInference -> Redis.
 
-Needs the jars from ``python -m launcher fetch-jars`` (skips with that hint when
-they are missing), Java 17, the Pub/Sub emulator and redis-server. Pub/Sub is
-read through Beam's cross-language Java transform, expanded by the launcher's
-own expansion service (EMBEDDED in the Flink JVM, no Docker).
+Needs the jars of ``make jars`` (``python -m launcher fetch-jars``; the test
+fails with that hint when they are missing), Java 17, the Pub/Sub emulator and
+redis-server. ``python -m launcher flink --flink_master=[local]`` starts
+Beam's Flink job server and a Python SDK worker pool on 127.0.0.1.
 """
-
-from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,23 +22,30 @@ from launcher import jars
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "pipeline" / "data" / "sample_tweets.jsonl"
 
-pytestmark = [
-    pytest.mark.flink, pytest.mark.slow, pytest.mark.integration,
-    pytest.mark.skipif(not jars.is_fetched(),
-                       reason="run `python -m launcher fetch-jars` first (Maven Central)"),
-]
+pytestmark = [pytest.mark.flink, pytest.mark.slow, pytest.mark.integration]
 
 
-def sample_messages(n: int) -> list[tuple[bytes, dict[str, str]]]:
+@pytest.fixture(scope="module", autouse=True)
+def flink_jars():
+    if not jars.is_fetched():
+        pytest.fail(f"the Flink job server is not in {jars.jars_dir()}: run `make jars` "
+                    "(python -m launcher fetch-jars; Maven Central)")
+
+
+def sample_messages(n: int, offset: int = 0) -> list[tuple[bytes, dict[str, str]]]:
     """``n`` distinct good tweets as Pub/Sub ``(data, attributes)``, stamped now
     (event time = publish time, so windows close as the watermark follows)."""
     from ingest.message import BadTweet, format_time, to_message
 
     out, seen = [], set()
     now = format_time(datetime.now(UTC))
-    for line in SAMPLE.read_bytes().splitlines():
+    for i, line in enumerate(SAMPLE.read_bytes().splitlines() * 20):
         try:
-            message = to_message(json.loads(line))
+            tweet = json.loads(line)
+            if not isinstance(tweet, dict):
+                continue
+            tweet["id"] = str(10**18 + offset + i)
+            message = to_message(tweet)
         except (ValueError, BadTweet):
             continue
         if message.tweet_id in seen:
@@ -46,7 +54,7 @@ def sample_messages(n: int) -> list[tuple[bytes, dict[str, str]]]:
         out.append((message.data, {"tweet_id": message.tweet_id, "event_ts": now}))
         if len(out) == n:
             break
-    assert len(out) == n, f"the sample has fewer than {n} good tweets"
+    assert len(out) == n
     return out
 
 
@@ -58,122 +66,146 @@ def publish(topic: str, messages: list[tuple[bytes, dict[str, str]]]) -> None:
         future.result(timeout=30)
 
 
-def wait_for_stream(client, key: str, count: int, timeout_s: float, result=None,
-                    distinct: bytes | None = None) -> int:
-    """Waits until the Redis stream has ``count`` entries (or the job ended)."""
-    from apache_beam.runners.runner import PipelineState
-
+def wait_for(predicate, timeout_s: float, what: str, every: float = 0.5):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        # With ``distinct``, count distinct values of that field: a read that is
-        # at least once can make xlen overcount.
-        seen = (len({f[distinct] for _, f in client.xrange(key)}) if distinct
-                else client.xlen(key))
-        if seen >= count:
-            break
-        if result is not None and PipelineState.is_terminal(result.state):
-            break
-        time.sleep(0.5)
-    return client.xlen(key)
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
-class _XAdd:
-    """A tiny Redis sink for the read-only test (the project's sink is tested elsewhere)."""
+def result_ids(client) -> list[str]:
+    return [fields[b"tweet_id"].decode() for _, fields in client.xrange("sentiment:results")]
 
-    def __init__(self, url: str):
-        self.url = url
 
-    def __call__(self, source_and_bytes):
-        import redis
-
-        source_id, data = source_and_bytes
-        redis.Redis.from_url(self.url).xadd("read:test", {"source": source_id, "data": data})
+def _log_errors(path: Path) -> list[str]:
+    return [line for line in path.read_text(errors="replace").splitlines()
+            if " ERROR " in line or line.startswith("Caused by")]
 
 
 @pytest.mark.timeout(360)
-def test_flink_reads_the_emulator_through_the_xlang_pubsub_source(pubsub_names, redis_url):
-    """ReadTweets on embedded Flink: the Java PubsubIO (expanded by our expansion
-    service, EMBEDDED) finds the emulator through --java_pubsub_root_url."""
-    import apache_beam as beam
-    import redis
-    from apache_beam.runners.runner import PipelineState
-
-    import launcher.common  # noqa: F401 - registers the Java-side options
-    from launcher.expansion import LocalExpansionService
-    from launcher.flink import FlinkLaunch, RunningJob
-    from pipeline.pipeline import ReadTweets, make_options
-
-    launch = FlinkLaunch.parse(["--flink_master=[local]", "--checkpointing_interval_ms=2000",
-                                f"--input_subscription={pubsub_names['subscription']}"])
-    messages = sample_messages(5)
-    client = redis.Redis.from_url(redis_url)
-    with LocalExpansionService(launch.expansion_jar) as service:
-        argv = launch.argv(service.address)
-        assert "--java_pubsub_root_url=http://" + pubsub_emulator_host() in argv
-        options = make_options(argv)
-        p = beam.Pipeline(options=options)
-        p | "ReadTweets" >> ReadTweets(options) | "XAdd" >> beam.Map(_XAdd(redis_url))
-        job = RunningJob(p.run(), argv, 0.0)
-        try:
-            publish(pubsub_names["topic"], messages)
-            # Generous: on 2 busy cores Flink's start-up alone can take a minute.
-            got = wait_for_stream(client, "read:test", len(messages), 270, job.result,
-                                  distinct=b"data")
-            assert job.result.state == PipelineState.RUNNING
-        finally:
-            state = job.cancel()
-    assert state == PipelineState.CANCELLED
-    # The read is at least once: a message whose ack (at checkpoint
-    # finalization) came after its deadline is delivered again. The project's
-    # sink dedupes by tweet id; this raw test sink does not, so compare sets.
-    assert got >= len(messages)
-    data = {fields[b"data"] for _, fields in client.xrange("read:test")}
-    assert data == {d for d, _ in messages}
-
-
-def pubsub_emulator_host() -> str:
-    return os.environ["PUBSUB_EMULATOR_HOST"]
-
-
-# Python SDK 2.77 against the Beam Java 2.62 Flink runner (the newest served here):
-# the runner cannot decode the KV<id, Tweet row> the Python stage emits
-# (ArrayIndexOutOfBounds in PaneInfoCoder), and Flink keeps restarting the task,
-# so the test would only wait out its timeout. Opt in once the job server matches.
-@pytest.mark.skipif(not os.environ.get("BERTSTREAM_FLINK_E2E"),
-                    reason="needs a job server matching the Python SDK (2.77); the 2.62 one "
-                           "fails on the keyed stage: set BERTSTREAM_FLINK_E2E=1 to run")
-@pytest.mark.timeout(240)
 def test_flink_streams_pubsub_through_the_model_to_redis(pubsub_names, redis_url,
                                                          tiny_model_dir):
+    """N valid tweets in, exactly N results; one dead letter per bad message; a
+    tweet published twice scored once; every message acknowledged; the job
+    cancelled cleanly and no error in the job server's log."""
     import redis
     from apache_beam.runners.runner import PipelineState
 
     from launcher.flink import flink_job
 
-    good = sample_messages(12)
+    good = sample_messages(40)
     now = good[0][1]["event_ts"]
     bad = [(b"{not json", {"tweet_id": "bad-1", "event_ts": now}),
            (json.dumps({"id": "77", "created_at": now}).encode(),  # no text
             {"tweet_id": "77", "event_ts": now})]
-    argv = ["--flink_master=[local]", "--environment_type=LOOPBACK", "--parallelism=1",
-            "--checkpointing_interval_ms=2000",
+    twice = good[5]
+    argv = ["--flink_master=[local]", "--parallelism=1", "--checkpointing_interval_ms=2000",
+            f"--input_subscription={pubsub_names['subscription']}",
+            f"--model_dir={tiny_model_dir}", f"--redis_url={redis_url}", "--window_seconds=1"]
+    client = redis.Redis.from_url(redis_url)
+    started = time.monotonic()
+    with flink_job(argv) as job:
+        publish(pubsub_names["topic"], good + bad + [twice])
+        wait_for(lambda: len(set(result_ids(client))) >= len(good)
+                 and client.xlen("sentiment:deadletter") >= len(bad), 240,
+                 "every result and dead letter")
+        first_to_all = time.monotonic() - started
+        time.sleep(3)  # a double, if any, would land by now
+        assert job.result.state == PipelineState.RUNNING
+        server_log = job.servers["flink-job-server"].log_path
+    assert job.final_state == PipelineState.CANCELLED, "the job was not cancelled cleanly"
+
+    ids = result_ids(client)
+    assert sorted(ids) == sorted(attrs["tweet_id"] for _, attrs in good)  # once each
+    assert client.xlen("sentiment:deadletter") == len(bad)
+    stats = {k.decode(): int(v) for k, v in client.hgetall("sentiment:stats").items()}
+    assert stats["results"] == len(good)
+    one = json.loads(client.xrange("sentiment:results", count=1)[0][1][b"result"])
+    assert one["label"] in ("negative", "neutral", "positive")
+    assert one["event_time"] == now and one["published_at"]
+    # Every message reached its end and was acknowledged: nothing comes back.
+    from google.cloud import pubsub_v1
+
+    leftover = pubsub_v1.SubscriberClient().pull(
+        subscription=pubsub_names["subscription"], max_messages=100, timeout=5)
+    assert len(leftover.received_messages) == 0
+    assert _log_errors(server_log) == []
+    print(f"flink: all results {first_to_all:.1f}s after launch")
+
+
+def _launcher(argv: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "launcher", "flink", *argv], cwd=ROOT,
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                            env=dict(os.environ))
+
+
+@pytest.mark.timeout(600)
+def test_flink_job_killed_mid_stream_then_restarted_loses_and_doubles_nothing(
+        pubsub_names, redis_url, tiny_model_dir, tmp_path):
+    """SIGKILL the launcher (its job server and SDK workers die with it, as on
+    a crashed machine) while tweets stream, start it again on the same
+    subscription: every tweet ends as exactly one result. The job
+    acknowledges a message only once its result is in Redis, so what the
+    killed job had pulled comes back when its 15 s lease lapses, and the
+    sink's SET NX keeps one result per tweet id."""
+    import redis
+
+    n = 600
+    messages = sample_messages(n, offset=10**6)
+    argv = ["--flink_master=[local]", "--checkpointing_interval_ms=2000",
             f"--input_subscription={pubsub_names['subscription']}",
             f"--model_dir={tiny_model_dir}", f"--redis_url={redis_url}",
-            "--window_seconds=1", "--max_batch_wait_seconds=0.2"]
+            "--pubsub_lease_seconds=15"]
+    client = redis.Redis.from_url(redis_url)
+    first = _launcher(argv, tmp_path / "first.log")
+    second = None
+    try:
+        wait_for(lambda: "submitted in" in (tmp_path / "first.log").read_text(), 180,
+                 "the first job to be submitted")
+        publish(pubsub_names["topic"], messages)
+        wait_for(lambda: client.xlen("sentiment:results") >= 1, 180, "a first result",
+                 every=0.05)
+        first.send_signal(signal.SIGKILL)
+        first.wait(30)
+        at_kill = client.xlen("sentiment:results")
+        assert at_kill < n, "the first job finished before it was killed: nothing was tested"
+        second = _launcher(argv, tmp_path / "second.log")
+        wait_for(lambda: len(set(result_ids(client))) >= n, 400, "every tweet after the restart")
+        time.sleep(20)  # past a lease: a redelivered copy would be written by now
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(90) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+    ids = result_ids(client)
+    assert len(ids) == len(set(ids)) == n  # lost 0, doubled 0
+    assert sorted(ids) == sorted(attrs["tweet_id"] for _, attrs in messages)
+    second_log = (tmp_path / "second.log").read_text()
+    assert "job ended CANCELLED" in second_log
+
+
+@pytest.mark.timeout(360)
+def test_flink_reads_the_emulator_through_the_java_pubsub_read(pubsub_names, redis_url,
+                                                                tiny_model_dir):
+    """``--pubsub_read=xlang``: Beam's Java PubsubIO, expanded by the launcher's
+    expansion service (EMBEDDED in the Flink JVM, no Docker), finds the
+    emulator through --java_pubsub_root_url; Flink acknowledges at checkpoints."""
+    import redis
+
+    from launcher.flink import flink_job
+
+    messages = sample_messages(10, offset=2 * 10**6)
+    argv = ["--flink_master=[local]", "--checkpointing_interval_ms=2000", "--pubsub_read=xlang",
+            f"--input_subscription={pubsub_names['subscription']}",
+            f"--model_dir={tiny_model_dir}", f"--redis_url={redis_url}"]
     client = redis.Redis.from_url(redis_url)
     with flink_job(argv) as job:
+        assert "--java_pubsub_root_url=http://" + os.environ["PUBSUB_EMULATOR_HOST"] in job.argv
         assert any(a.startswith("--beam_services=") for a in job.argv)
-        publish(pubsub_names["topic"], good + bad)
-        results = wait_for_stream(client, "sentiment:results", len(good), 150, job.result)
-        dead = wait_for_stream(client, "sentiment:deadletter", len(bad), 30, job.result)
-        assert job.result.state == PipelineState.RUNNING
-    assert job.result.state == PipelineState.CANCELLED, "the job was not cancelled cleanly"
-
-    assert results == len(good)
-    assert dead == len(bad)
-    entries = client.xrange("sentiment:results")
-    ids = {json.loads(fields[b"result"])["tweet_id"] for _, fields in entries}
-    assert ids == {attrs["tweet_id"] for _, attrs in good}
-    one = json.loads(entries[0][1][b"result"])
-    assert one["label"] in ("negative", "neutral", "positive")
-    assert set(one["probabilities"]) == {"negative", "neutral", "positive"}
+        publish(pubsub_names["topic"], messages)
+        wait_for(lambda: len(set(result_ids(client))) >= len(messages), 270, "every result")
+    assert sorted(set(result_ids(client))) == sorted(a["tweet_id"] for _, a in messages)

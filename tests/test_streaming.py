@@ -147,7 +147,7 @@ def test_many_windows_results_counts_and_late_counts_in_redis(tiny_model_dir, re
 
     rng = random.Random(7)
     schedule, watermark, n = [], T0, 0
-    for step in range(20):
+    for _ in range(20):
         tweets = []
         for _ in range(rng.randint(3, 8)):
             n += 1

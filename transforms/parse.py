@@ -2,11 +2,10 @@
 
 import json
 import re
+from typing import Optional
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
-
-from typing import Optional
 
 from transforms.records import DeadLetter, Envelope, Tweet, iso_from_seconds, seconds_from_iso
 

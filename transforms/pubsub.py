@@ -34,6 +34,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.core import RestrictionProvider
 from apache_beam.utils.timestamp import Duration, Timestamp
 
+from transforms.dedupe import REPLAY_PREFIX
 from transforms.records import Envelope, iso_from_seconds, seconds_from_iso
 
 _LOG = logging.getLogger(__name__)
@@ -57,6 +58,19 @@ def event_seconds(attributes, publish_seconds: float) -> float:
     if value.isdigit():
         return int(value) / 1000.0
     return seconds_from_iso(value)
+
+
+def envelope(message_id: str, data: bytes, attributes, ack_id: str = "",
+             published_seconds: float | None = None) -> Envelope:
+    """A Pub/Sub message as an ``Envelope``: source ``pubsub:<message id>``,
+    prefixed by the dead-letter entry it replays (``replay`` attribute, set by
+    ``pipeline.replay_deadletter``)."""
+    attributes = attributes or {}
+    source_id = f"{SOURCE_PREFIX}{message_id or attributes.get('tweet_id') or ''}"
+    if attributes.get("replay"):
+        source_id = f"{REPLAY_PREFIX}{attributes['replay']}/{source_id}"
+    published = iso_from_seconds(published_seconds) if published_seconds is not None else ""
+    return Envelope(source_id, bytes(data), ack_id, published)
 
 
 class _Endless(RestrictionProvider):
@@ -134,8 +148,8 @@ class _PullFn(beam.DoFn):
                 seconds = published
             oldest = min(oldest, seconds)
             yield beam.window.TimestampedValue(
-                Envelope(SOURCE_PREFIX + message.message_id, bytes(message.data), item.ack_id,
-                         iso_from_seconds(published)), seconds)
+                envelope(message.message_id, message.data, message.attributes, item.ack_id,
+                         published), seconds)
         self._pulled.inc(len(received))
         candidate = Timestamp.of(min(oldest, now))
         current = watermark.current_watermark()

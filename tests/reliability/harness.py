@@ -118,8 +118,7 @@ def publish(topic: str, items: Iterable[tuple[bytes, dict]], per_second: float =
 
 def job_argv(ctx: Ctx, subscription: str, redis_url: str, *extra: str) -> list[str]:
     return ["--runner=DirectRunner", "--input_subscription", subscription,
-            "--redis_url", redis_url, "--model_dir", str(ctx.model_dir),
-            "--max_batch_wait_seconds", "0.3", *extra]
+            "--redis_url", redis_url, "--model_dir", str(ctx.model_dir), *extra]
 
 
 class InProcessJob:

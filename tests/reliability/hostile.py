@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+from apache_beam.utils.timestamp import Timestamp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from transforms.parse import DEAD_LETTER, ParseError, _ParseFn, parse_tweet
-from transforms.records import DeadLetter, Tweet
+from transforms.records import DeadLetter, Envelope, Tweet
 
 FIELDS = ("id", "text", "created_at", "author_id", "lang", "referenced_tweets")
 ODD_TEXT = ["", " ", "\u200b\u200c\u200d\ufeff", "\u202e\u05e9\u05dc\u05d5\u05dd\u202c",
@@ -98,7 +99,8 @@ def hostile_input(examples: int) -> dict:
     @given(hostile, st.booleans())
     def one_output_per_input(data: bytes, from_created_at: bool) -> None:
         counts["sent"] += 1
-        outputs = list(_ParseFn(from_created_at).process(("hostile:2", data)))
+        outputs = list(_ParseFn(from_created_at).process(Envelope("hostile:2", data),
+                                                          Timestamp.of(1_795_000_000)))
         if len(outputs) != 1:
             counts["lost" if not outputs else "doubled"] += 1
         assert len(outputs) == 1, outputs

@@ -41,7 +41,7 @@ SCENARIOS = {
     "sustained_load": scenarios.sustained_load,
 }
 # Scenarios whose loss is measured and reported, not a failure. None since
-# the DirectRunner acknowledges only written messages (transforms/acks.py).
+# the job acknowledges only written messages (its AcknowledgeMessages step).
 LOSS_REPORTED_ONLY: set[str] = set()
 
 

@@ -116,9 +116,9 @@ def redis_restart(ctx: Ctx) -> dict:
 def pipeline_crash(ctx: Ctx) -> dict:
     """``python -m pipeline`` is SIGKILLed right after its first results and
     started again on the same subscription. The job acknowledges a message
-    only once its result is in Redis (``transforms/acks.py``), so what the
-    killed job had pulled but not written comes back when its lease lapses,
-    and the sink keeps one result per tweet id."""
+    only once its result is in Redis (the graph's ``AcknowledgeMessages``
+    step), so what the killed job had pulled but not written comes back when
+    its lease lapses, and the sink keeps one result per tweet id."""
     n = 5000 if ctx.full else 2500
     server = LocalRedis().start()
     client = client_for(server.url)
@@ -126,7 +126,8 @@ def pipeline_crash(ctx: Ctx) -> dict:
     tweets = make_tweets(n, 1_871_000_000_000_000_000, "crash")
     ids = [t["id"] for t in tweets]
     publish(topic, [message(t) for t in tweets])
-    argv = job_argv(ctx, subscription, server.url, "--no_local_redis")
+    argv = job_argv(ctx, subscription, server.url, "--no_local_redis",
+                    "--pubsub_lease_seconds", "15")
     jobs = []
     try:
         first = JobProcess(argv, ctx.work_dir / "crash-job1.log")
@@ -168,9 +169,8 @@ def pipeline_crash(ctx: Ctx) -> dict:
 
 def pubsub_duplicates(ctx: Ctx) -> dict:
     """The same tweet published three times (some copies seconds apart, past
-    the job's 5 s in-memory dedupe, so the sink's SET NX has to catch them),
-    messages redelivered after a consumer let their 10 s ack deadline expire,
-    and batches that wait longer (11 s) than the ack deadline."""
+    the job's 5 s dedupe, so the sink's SET NX has to catch them), and
+    messages redelivered after a consumer let their 10 s ack deadline expire."""
     n = 900 if ctx.full else 120
     server = LocalRedis().start()
     client = client_for(server.url)
@@ -190,8 +190,7 @@ def pubsub_duplicates(ctx: Ctx) -> dict:
         pulled = rogue.pull(subscription=subscription, max_messages=40, timeout=30)
         redelivered = len(pulled.received_messages)
         rogue.close()
-        argv = job_argv(ctx, subscription, server.url, "--dedupe_ttl_seconds", "5",
-                        "--max_batch_wait_seconds", "11")
+        argv = job_argv(ctx, subscription, server.url, "--dedupe_ttl_seconds", "5")
         with InProcessJob(argv) as job:
             wait_until(lambda: _results(client) >= 1, 240, "the first result")
             time.sleep(6)  # past the in-memory dedupe's TTL
@@ -238,7 +237,7 @@ def tfserving_outage(ctx: Ctx) -> dict:
                              for k, tag in enumerate(("before", "outage", "after")))
     ids = [t["id"] for t in before + during + after]
     argv = job_argv(ctx, subscription, server.url, "--inference", "tfserving",
-                    "--tfserving_target", peer.target, "--length_buckets", "1000")
+                    "--tfserving_target", peer.target)
     try:
         handler = tfserving_handler(make_options(argv), num_retries=1, throttle_delay_secs=1)
         with InProcessJob(argv, handler):
@@ -338,8 +337,7 @@ def sustained_load(ctx: Ctx) -> dict:
     channel = ChannelCounter(server.url)
     channel.start()
     job = JobProcess(job_argv(ctx, subscription, server.url, "--no_local_redis",
-                              "--redis_stream_maxlen", str(maxlen),
-                              "--max_batch_wait_seconds", "0.5"),
+                              "--redis_stream_maxlen", str(maxlen)),
                      ctx.work_dir / "load-job.log")
     sampler = RssSampler(job.pid)
     sampler.start()

@@ -101,7 +101,7 @@ def test_flags_are_named_in_errors():
 def test_a_replay_is_deduplicated_apart_from_its_failed_attempt():
     from apache_beam.io.gcp.pubsub import PubsubMessage
 
-    from pipeline.pipeline import _pubsub_message
+    from pipeline.pipeline import envelope_of
     from transforms.dedupe import dedupe_key
     from transforms.parse import parse_tweet
 
@@ -113,8 +113,8 @@ def test_a_replay_is_deduplicated_apart_from_its_failed_attempt():
                           message_id="m3")
     keys = []
     for m in (first, replay, again):
-        source_id, raw = _pubsub_message(m)
-        keys.append(dedupe_key(parse_tweet(raw, source_id)))
+        message = envelope_of(m)
+        keys.append(dedupe_key(parse_tweet(message.data, message.source_id)))
     assert keys[0] == "1880000000000000009"
     assert keys[1] == keys[2] != keys[0]  # a redelivered replay is still a duplicate
-    assert _pubsub_message(replay)[0] == "replay:17-0/pubsub:m2"
+    assert envelope_of(replay).source_id == "replay:17-0/pubsub:m2"

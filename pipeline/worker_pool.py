@@ -1,0 +1,96 @@
+"""Beam's Python SDK worker pool, bound to one address: for local portable runs.
+
+``python -m pipeline.worker_pool --port P [--host 127.0.0.1]`` serves Beam's
+``BeamFnExternalWorkerPoolServicer``: a portable runner (the embedded Flink,
+Prism) asks it to start SDK workers (``--environment_type=EXTERNAL
+--environment_config=127.0.0.1:P``), which run as threads of this process.
+
+Beam's own ``worker_pool_main`` and its LOOPBACK environment listen on every
+interface (``[::]``); this binds the address given. It also keeps the SDK
+workers out of the job's launching process: when a local job server is
+stopped, their streams to it end in this process's log, not as tracebacks in
+the launcher's output. ``LocalWorkerPool`` starts and stops it by PID.
+"""
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from concurrent import futures
+from pathlib import Path
+
+from pipeline.local_servers import _LocalServer, _wait_for_port, die_with_parent, free_port
+
+_LOG = logging.getLogger(__name__)
+
+
+def serve(host: str, port: int) -> None:
+    import grpc
+    from apache_beam.portability.api import beam_fn_api_pb2_grpc
+    from apache_beam.runners.worker.worker_pool_main import BeamFnExternalWorkerPoolServicer
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    beam_fn_api_pb2_grpc.add_BeamFnExternalWorkerPoolServicer_to_server(
+        BeamFnExternalWorkerPoolServicer(use_process=False), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    server.start()
+    _LOG.info("SDK worker pool listening on %s:%d", host, bound)
+    server.wait_for_termination()
+
+
+class LocalWorkerPool(_LocalServer):
+    """``python -m pipeline.worker_pool`` on 127.0.0.1, in its own process
+    group, logging to a file."""
+
+    name = "sdk-worker-pool"
+
+    def __init__(self, port: int | None = None):
+        self.port = port or free_port()
+        self.log_path = Path(tempfile.mkdtemp(prefix="bertstream-workers-")) / "workers.log"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def flags(self) -> list[str]:
+        return ["--environment_type=EXTERNAL", f"--environment_config={self.address}"]
+
+    def launch(self) -> "LocalWorkerPool":
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pipeline.worker_pool", "--port", str(self.port)],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=die_with_parent,
+                cwd=Path(__file__).resolve().parent.parent, env=dict(os.environ))
+        return self
+
+    def wait_ready(self, timeout: float = 60.0) -> "LocalWorkerPool":
+        try:
+            _wait_for_port(self.port, self.proc, timeout, self.name)
+        except (RuntimeError, TimeoutError) as err:
+            self.stop()
+            raise RuntimeError(f"{err}; its log: {self.log_path}") from err
+        _LOG.info("started %s pid %d on %s (log %s)", self.name, self.proc.pid, self.address,
+                  self.log_path)
+        return self
+
+    def start(self, timeout: float = 60.0) -> "LocalWorkerPool":
+        return self.launch().wait_ready(timeout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.worker_pool",
+                                description=__doc__.split("\n")[0])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve(args.host, args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
