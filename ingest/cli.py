@@ -102,8 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "terminal, a log line every 10 s")
     r.add_argument("--publish-bad", action="store_true",
                    help="publish lines that are not valid tweets too, as they are (with a "
-                        "tweet_id attribute where one can be read), so that the pipeline "
-                        "dead-letters them; they are still reported and counted as bad")
+                        "tweet_id attribute where one can be read, and the event time of "
+                        "the tweet before), so that the pipeline dead-letters them; they "
+                        "are still reported and counted as bad")
     _publish_flags(r)
     return parser
 

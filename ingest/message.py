@@ -162,18 +162,23 @@ class RawMessage(NamedTuple):
 
     data: bytes
     tweet_id: str  # "" when no valid id can be read from it
+    event_ts: str = ""  # RFC 3339; "" leaves the event time to the publish time
 
     @property
     def attributes(self) -> dict[str, str]:
-        return {"tweet_id": self.tweet_id} if self.tweet_id else {}
+        attributes = {"tweet_id": self.tweet_id} if self.tweet_id else {}
+        if self.event_ts:
+            attributes["event_ts"] = self.event_ts
+        return attributes
 
     @property
     def size(self) -> int:
         return _message_size(self.data, self.attributes)
 
 
-def raw_message(raw: bytes) -> RawMessage:
-    """``raw`` unchanged, with a ``tweet_id`` attribute where a valid id can be read.
+def raw_message(raw: bytes, event_time: datetime | None = None) -> RawMessage:
+    """``raw`` unchanged, with a ``tweet_id`` attribute where a valid id can be
+    read, and ``event_time`` (if given) as its ``event_ts``.
 
     Raises:
       BadTweet: the line is too large for any Pub/Sub request.
@@ -185,7 +190,7 @@ def raw_message(raw: bytes) -> RawMessage:
             tweet_id = _tweet_id(tweet)
     except BadTweet:
         pass
-    message = RawMessage(raw, tweet_id)
+    message = RawMessage(raw, tweet_id, format_time(event_time) if event_time else "")
     if message.size > PUBSUB_MAX_REQUEST_BYTES - _REQUEST_OVERHEAD_BYTES:
         raise BadTweet(f"message is {message.size} bytes, over Pub/Sub's 10 MB limit "
                        f"({PUBSUB_MAX_REQUEST_BYTES} bytes per publish request)")

@@ -118,8 +118,10 @@ def replay(path: str | Path | None, topic: str, speed: float = 1.0, loop: bool =
       stop: set it (a signal handler does) to end early; what was read is
         still published before this returns.
       publish_bad: publish lines that are not valid tweets too, unchanged, with
-        a ``tweet_id`` attribute where a valid id can be read and no ``event_ts``
-        (the pipeline takes the publish time); they are still counted as bad.
+        a ``tweet_id`` attribute where a valid id can be read and, as
+        ``event_ts``, the event time of the tweet before (so that a dated file
+        does not move the job's watermark to the present); they are still
+        counted as bad.
 
     Returns:
       The totals, after every publish future has settled.
@@ -140,6 +142,7 @@ def replay(path: str | Path | None, topic: str, speed: float = 1.0, loop: bool =
     last: datetime | None = None
     passes = 0
     read = 0
+    clock: datetime | None = None  # the event time of the last tweet sent
     _LOG.info("replaying %s (%d lines) to %s at %s", path, total_lines, topic,
               "full speed" if speed == 0 else f"{speed:g}x")
     try:
@@ -157,12 +160,13 @@ def replay(path: str | Path | None, topic: str, speed: float = 1.0, loop: bool =
                     if passes == 0:
                         first = min(first or message.event_time, message.event_time)
                         last = max(last or message.event_time, message.event_time)
+                    clock = message.event_time
                     try:
                         publisher.publish(message)
                     except BadTweet as exc:
                         _bad(totals, number, str(exc), passes)
                 elif publish_bad:
-                    _publish_raw(publisher, raw, totals)
+                    _publish_raw(publisher, raw, clock, totals)
                 if bar:
                     bar.update(read, publisher.published)
                 if stop.is_set():
@@ -182,10 +186,11 @@ def replay(path: str | Path | None, topic: str, speed: float = 1.0, loop: bool =
     return totals
 
 
-def _publish_raw(publisher: TweetPublisher, raw: bytes, totals: Totals) -> None:
+def _publish_raw(publisher: TweetPublisher, raw: bytes, clock: datetime | None,
+                 totals: Totals) -> None:
     """A bad line, as it is; one too large for Pub/Sub stays skipped."""
     try:
-        publisher.publish(raw_message(raw))
+        publisher.publish(raw_message(raw, clock))
     except BadTweet as exc:
         _LOG.warning("bad line not published either: %s", exc)
         return

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,8 @@ def test_raw_message_keeps_the_bytes_and_reads_an_id_where_it_can():
     assert raw_message(b'{"id": 12.5, "text": "x"}').attributes == {}
     assert raw_message(b"\xff\xfe not utf-8").data == b"\xff\xfe not utf-8"
     assert raw_message(b'["an", "array"]').attributes == {}
+    when = datetime(2026, 11, 20, 10, 0, 1, 500000, tzinfo=UTC)
+    assert raw_message(b"{", when).attributes == {"event_ts": "2026-11-20T10:00:01.500Z"}
     with pytest.raises(BadTweet, match="10 MB"):
         raw_message(b"x" * 10_000_000)
 
@@ -41,10 +44,16 @@ def test_publish_bad_sends_the_sample_bad_lines_unchanged(pubsub_names):
     assert totals.as_dict()["bad_published"] == 7
     lines = default_sample().read_bytes().splitlines()
     got = pull_all(pubsub_names["subscription"], expect=300)
-    bad = [m.message for m in got if "event_ts" not in m.message.attributes]
+    bad_data = {lines[n - 1]: tweet_id for n, tweet_id in BAD_LINES.items()}
+    bad = [m.message for m in got if m.message.data in bad_data]
     assert len(got) == 300 and len(bad) == 7
-    expected = {lines[n - 1]: tweet_id for n, tweet_id in BAD_LINES.items()}
-    assert {m.data: m.attributes.get("tweet_id", "") for m in bad} == expected
+    assert {m.data: m.attributes.get("tweet_id", "") for m in bad} == bad_data
+    # Each carries the event time of the line before it (the replay's clock),
+    # not the publish time, which would move a job's watermark 11 days on.
+    event_ts = {m.message.data: m.message.attributes.get("event_ts") for m in got}
+    for number in BAD_LINES:
+        before = json.loads(lines[number - 2])["created_at"]
+        assert event_ts[lines[number - 1]] == before.replace("Z", "")[:23] + "Z"
 
 
 @pytest.mark.integration
@@ -61,8 +70,7 @@ def test_without_publish_bad_the_bad_lines_stay_out(pubsub_names):
 def test_streaming_job_dead_letters_the_published_bad_lines(pubsub_names, redis_url,
                                                             tiny_model_dir):
     """The walkthrough's path: replay --publish-bad into a running job gives the file
-    run's figures, 292 results and 7 dead letters (the bad lines carry no event_ts:
-    their event time is their publish time)."""
+    run's figures: 292 results, the duplicate skipped, 7 dead letters, none late."""
     client = redis.Redis.from_url(redis_url)
     result = _start_streaming_job(pubsub_names["subscription"], redis_url, tiny_model_dir)
     try:
@@ -77,5 +85,7 @@ def test_streaming_job_dead_letters_the_published_bad_lines(pubsub_names, redis_
     finally:
         result.cancel()
     assert client.xlen("sentiment:results") == 292
+    stats = {k.decode(): int(v) for k, v in client.hgetall("sentiment:stats").items()}
+    assert stats.get("late", 0) == 0 and stats.get("already_written", 0) == 0, stats
     dead = client.xrange("sentiment:deadletter")
     assert len(dead) == 7 and {f[b"stage"] for _, f in dead} == {b"parse"}
