@@ -15,7 +15,11 @@ ten minutes in which no downstream window could close. The Redis sink's
 ``SET NX`` is the second line of defence once this state has expired (the
 summary counts what it finds there as "already in Redis").
 
-Two layouts of the same idea (``shards``):
+A bounded input (a file) is deduplicated with a GroupByKey instead: the
+runner groups the ids itself, with no per-id state to keep (and Beam's
+batch runner prices every state write by walking the process's objects).
+
+Two layouts of the streaming idea (``shards``):
 
 - per id (0, the default): the key is the tweet id; runners keep keyed state
   and timers in indexed stores, so this scales with the stream.
@@ -42,7 +46,7 @@ from apache_beam.transforms.userstate import (
 )
 from apache_beam.utils.timestamp import Duration
 
-from transforms.records import Tweet
+from transforms.records import Tweet, seconds_from_iso
 
 DEFAULT_TTL_SECONDS = 600
 SKIPPED = "skipped"
@@ -84,6 +88,25 @@ class _FirstPerIdFn(beam.DoFn):
     @on_timer(EXPIRY)
     def expire(self, seen=beam.DoFn.StateParam(SEEN)):
         seen.clear()
+
+
+class _FirstOfGroupFn(beam.DoFn):
+    """Keeps one copy of a grouped id (the first by source), at its own time."""
+
+    def __init__(self):
+        self._unique = Metrics.counter("DedupeByTweetId", "unique")
+        self._duplicates = Metrics.counter("DedupeByTweetId", "duplicates_skipped")
+
+    def process(self, element):
+        _, copies = element
+        first, *rest = sorted(copies, key=lambda t: t.source_id)
+        self._unique.inc()
+        self._duplicates.inc(len(rest))
+        for copy in rest:
+            yield beam.pvalue.TaggedOutput(SKIPPED, copy.ack_id)
+        # A grouped element carries its window's end as timestamp: restore
+        # the tweet's own, which windowing reads.
+        yield beam.window.TimestampedValue(first, seconds_from_iso(first.event_time))
 
 
 class _FirstPerIdShardedFn(beam.DoFn):
@@ -146,6 +169,13 @@ class DedupeByTweetId(beam.PTransform):
         self._shards = shards
 
     def expand(self, tweets):
+        if tweets.is_bounded:
+            return (tweets
+                    | "KeyById" >> beam.Map(lambda t: (dedupe_key(t), t)).with_output_types(
+                        tuple[str, Tweet])
+                    | "GroupById" >> beam.GroupByKey()
+                    | "FirstPerId" >> beam.ParDo(_FirstOfGroupFn()).with_output_types(
+                        Tweet).with_outputs(SKIPPED, main="tweets"))
         shards = self._shards
         if shards:
             keyed = tweets | "KeyByShard" >> beam.Map(

@@ -17,7 +17,8 @@ bound for windows that are late as a whole.
 
 The flag is kept per window and per shard of the tweet ids (``shards``): one
 shard keeps it in one place; more let a cluster runner spread the step over
-its workers (each shard closes its windows on the same watermark).
+its workers (each shard closes its windows on the same watermark). A bounded
+input (a file) has no late data: its tweets only get their window's bounds.
 """
 
 import zlib
@@ -59,6 +60,12 @@ class _MarkLateFn(beam.DoFn):
         closed.write(True)
 
 
+class _StampWindowFn(beam.DoFn):
+    def process(self, tweet, w=beam.DoFn.WindowParam):
+        yield tweet._replace(window_start=iso_from_seconds(float(w.start)),
+                             window_end=iso_from_seconds(float(w.end)))
+
+
 class WindowByEventTime(beam.PTransform):
     """Assigns ``Tweet``s to fixed event-time windows of ``window_seconds``.
 
@@ -79,12 +86,14 @@ class WindowByEventTime(beam.PTransform):
 
     def expand(self, tweets):
         shards = self._shards
-        return (tweets
-                | "FixedWindows" >> beam.WindowInto(
-                    window.FixedWindows(self._window_seconds),
-                    trigger=trigger.AfterWatermark(late=trigger.AfterCount(1)),
-                    accumulation_mode=trigger.AccumulationMode.DISCARDING,
-                    allowed_lateness=self._allowed_lateness)
+        windowed = tweets | "FixedWindows" >> beam.WindowInto(
+            window.FixedWindows(self._window_seconds),
+            trigger=trigger.AfterWatermark(late=trigger.AfterCount(1)),
+            accumulation_mode=trigger.AccumulationMode.DISCARDING,
+            allowed_lateness=self._allowed_lateness)
+        if tweets.is_bounded:
+            return windowed | "MarkLate" >> beam.ParDo(_StampWindowFn()).with_output_types(Tweet)
+        return (windowed
                 | "KeyByShard" >> beam.Map(
                     lambda t: (zlib.crc32(t.tweet_id.encode()) % shards, t)
                 ).with_output_types(tuple[int, Tweet])
