@@ -68,6 +68,19 @@ jars: venv
 crd: venv
 	@$(PY) -m launcher fetch-crd
 
+# TensorFlow as tensorflow/serving:2.19.1 runs it, in a venv of its own (cached once):
+# tests/k8s/test_deployment.py loads the exported model with it. The versions are that
+# test's SERVING_TF and SERVING_TF_TEXT_PYPI.
+TF_SERVING_VENV := $(BERTSTREAM_CACHE)/venvs/tf-serving-2.19
+.PHONY: tf-serving-venv
+tf-serving-venv: venv $(TF_SERVING_VENV)/.installed
+
+$(TF_SERVING_VENV)/.installed:
+	$(PYTHON) -m venv $(TF_SERVING_VENV)
+	$(TF_SERVING_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TF_SERVING_VENV)/bin/python -m pip install -q tensorflow==2.19.1 tensorflow-text==2.19.0
+	@touch $@
+
 # Prism, Beam's portable local runner (a Go binary), for the PrismRunner tests.
 prism: $(PRISM)
 
@@ -95,7 +108,7 @@ chromium:
 	fi
 
 # pytest exits 5 when it collected no test: that is a failure here, like any other non-zero code.
-test: setup
+test: setup tf-serving-venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 reliability: venv redis emulator model jars

@@ -665,8 +665,8 @@ def test_default_deny_then_only_the_promised_paths(overlay):
     submitter = {"app.kubernetes.io/name": "pipeline-submit"}
     dashboard = {"app.kubernetes.io/name": "dashboard"}
     for app, port, peers in (
-        ("redis", 6379, [taskmanager, submitter, dashboard]),
-        ("tfserving", 8500, [taskmanager]),
+        ("redis", 6379, [taskmanager, dashboard]),
+        ("tfserving", 8500, [taskmanager, submitter]),
     ):
         allowed = ingress_ports(app)
         assert set(allowed) == {port}, f"{app} is open on {set(allowed)}"
