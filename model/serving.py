@@ -12,6 +12,36 @@ import numpy as np
 from model.data import LABELS
 
 
+def is_uri(path: str | Path) -> bool:
+    """A path on a non-local filesystem (``gs://``, ``s3://``, TensorFlow's
+    ``ram://``...): read through TensorFlow's file API, not ``pathlib``,
+    which would turn ``gs://b/m`` into ``gs:/b/m``."""
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def join(base: str | Path, *parts: str) -> str | Path:
+    if is_uri(base):
+        return "/".join([str(base).rstrip("/"), *parts])
+    return Path(base).joinpath(*parts)
+
+
+def exists(path: str | Path) -> bool:
+    if is_uri(path):
+        import tensorflow as tf
+
+        return tf.io.gfile.exists(str(path))
+    return Path(path).exists()
+
+
+def read_text(path: str | Path) -> str:
+    if is_uri(path):
+        import tensorflow as tf
+
+        with tf.io.gfile.GFile(str(path), "rb") as f:
+            return f.read().decode("utf-8")
+    return Path(path).read_text()
+
+
 def version_dirs(base: Path) -> list[Path]:
     """Numeric version subdirectories holding a SavedModel, oldest first."""
     if not base.is_dir():
@@ -21,33 +51,56 @@ def version_dirs(base: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name))
 
 
-def resolve(model: str | Path) -> Path:
+def _uri_version_dirs(base: str) -> list[str]:
+    import tensorflow as tf
+
+    if not tf.io.gfile.isdir(base):
+        return []
+    names = [n.rstrip("/") for n in tf.io.gfile.listdir(base)]
+    found = [n for n in names
+             if n.isdigit() and tf.io.gfile.exists(f"{base.rstrip('/')}/{n}/saved_model.pb")]
+    return [f"{base.rstrip('/')}/{n}" for n in sorted(found, key=int)]
+
+
+def resolve(model: str | Path) -> str | Path:
     """A version directory: ``model`` itself when it holds saved_model.pb, else
-    its newest numeric version (as TF Serving would pick).
+    its newest numeric version (as TF Serving would pick). A local directory
+    comes back as a ``Path``, a URI (``gs://...``) as the string.
 
     Raises:
       FileNotFoundError: naming the path when there is no model there.
     """
-    path = Path(model)
-    if (path / "saved_model.pb").exists():
-        return path
-    versions = version_dirs(path)
+    if is_uri(model):
+        model = str(model)
+        if exists(join(model, "saved_model.pb")):
+            return model
+        versions = _uri_version_dirs(model)
+    else:
+        path = Path(model)
+        if (path / "saved_model.pb").exists():
+            return path
+        versions = version_dirs(path)
     if not versions:
         raise FileNotFoundError(
-            f"no SavedModel at {path}: expected {path}/saved_model.pb or {path}/<version>/ "
+            f"no SavedModel at {model}: expected {model}/saved_model.pb or {model}/<version>/ "
             "(build one with `python -m model build --out DIR`)")
     return versions[-1]
 
 
-def read_card(version_dir: Path) -> dict:
-    card = version_dir / "model_card.json"
-    return json.loads(card.read_text()) if card.exists() else {}
+def version_of(version_dir: str | Path) -> str:
+    """The version directory's number (its last path component)."""
+    return str(version_dir).rstrip("/").rsplit("/", 1)[-1]
 
 
-def labels_of(version_dir: Path) -> tuple[str, ...]:
-    asset = version_dir / "assets" / "labels.txt"
-    if asset.exists():
-        return tuple(line.strip() for line in asset.read_text().splitlines() if line.strip())
+def read_card(version_dir: str | Path) -> dict:
+    card = join(version_dir, "model_card.json")
+    return json.loads(read_text(card)) if exists(card) else {}
+
+
+def labels_of(version_dir: str | Path) -> tuple[str, ...]:
+    asset = join(version_dir, "assets", "labels.txt")
+    if exists(asset):
+        return tuple(line.strip() for line in read_text(asset).splitlines() if line.strip())
     return LABELS
 
 
@@ -68,7 +121,8 @@ class LoadedModel:
 
         self.version_dir = resolve(model)
         warn_if_emulated(self.version_dir, logging.getLogger(__name__))
-        self.version = int(self.version_dir.name) if self.version_dir.name.isdigit() else 0
+        version = version_of(self.version_dir)
+        self.version = int(version) if version.isdigit() else 0
         self.labels = labels_of(self.version_dir)
         self._loaded = tf.saved_model.load(str(self.version_dir))
         self._fn = self._loaded.signatures[signature]

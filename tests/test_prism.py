@@ -54,11 +54,11 @@ def test_streaming_on_prism_scores_acknowledges_and_stops_cleanly(pubsub_names, 
     now = good[0][1]["event_ts"]
     bad = [(b"\xff\xfe not utf-8", {"tweet_id": "bad-9", "event_ts": now})]
     log = tmp_path / "prism.log"
-    job = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "--runner=PrismRunner",
-         f"--input_subscription={pubsub_names['subscription']}", f"--redis_url={redis_url}",
-         f"--model_dir={tiny_model_dir}"], cwd=ROOT, stdout=open(log, "wb"),
-        stderr=subprocess.STDOUT)
+    with open(log, "wb") as out:
+        job = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "--runner=PrismRunner",
+             f"--input_subscription={pubsub_names['subscription']}", f"--redis_url={redis_url}",
+             f"--model_dir={tiny_model_dir}"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     client = redis.Redis.from_url(redis_url)
     try:
         publish(pubsub_names["topic"], good + bad + [good[0]])

@@ -21,7 +21,6 @@ returns ``Scores``: tfx-bsl's in-process SavedModel handler
 import functools
 import gc
 import inspect
-import json
 import logging
 import re
 import threading
@@ -67,11 +66,11 @@ _TOKENIZERS_LOCK = threading.Lock()
 
 
 def _read_tokenizer(vocab_path: str):
-    from apache_beam.io.filesystems import FileSystems
     from tokenizers import BertWordPieceTokenizer
 
-    with FileSystems.open(vocab_path) as f:
-        words = f.read().decode("utf-8").splitlines()
+    from model.serving import read_text
+
+    words = read_text(vocab_path).splitlines()
     # keras-hub's BertTokenizer(lowercase=True) lowercases without
     # stripping accents.
     return BertWordPieceTokenizer({w: i for i, w in enumerate(words)}, lowercase=True,
@@ -103,22 +102,16 @@ class TokenCounter:
         estimate when that model has no vocabulary file (or is not here, as
         with a remote TF Serving whose model this machine lacks)."""
         if model_dir:
-            from apache_beam.io.filesystems import FileSystems
+            from model.serving import exists, join, read_card, resolve
 
             try:
-                from model.serving import resolve
-
-                version_dir = str(resolve(model_dir))
+                version_dir = resolve(model_dir)
             except FileNotFoundError:
                 version_dir = model_dir
-            vocab = FileSystems.join(version_dir, VOCAB_FILE)
-            if FileSystems.exists(vocab):
-                card = FileSystems.join(version_dir, "model_card.json")
-                if FileSystems.exists(card):
-                    with FileSystems.open(card) as f:
-                        max_length = int(json.loads(f.read()).get("max_sequence_length",
-                                                                  max_length))
-                return cls(vocab, max_length)
+            vocab = join(version_dir, VOCAB_FILE)
+            if exists(vocab):
+                max_length = int(read_card(version_dir).get("max_sequence_length", max_length))
+                return cls(str(vocab), max_length)
         _LOG.info("no %s under --model_dir %s: batching by estimated token length",
                   VOCAB_FILE, model_dir)
         return cls(None, max_length)
