@@ -151,7 +151,7 @@ def replay(path: str | Path | None, topic: str, speed: float = 1.0, loop: bool =
             for number, raw in _lines(path):
                 if not raw.strip():
                     continue
-                message = _message_or_bad(raw, number, passes, period, totals)
+                message = _message_or_bad(raw, number, passes, period, totals, publish_bad)
                 read += 1
                 if message is not None:
                     if not pacer.wait_for(message.event_time):
@@ -198,19 +198,19 @@ def _publish_raw(publisher: TweetPublisher, raw: bytes, clock: datetime | None,
 
 
 def _message_or_bad(raw: bytes, number: int, passes: int, period: timedelta,
-                    totals: Totals) -> TweetMessage | None:
+                    totals: Totals, publish_bad: bool = False) -> TweetMessage | None:
     try:
         tweet = parse_json(raw)
         if passes:
             tweet = _shifted(tweet, passes, period)
         return to_message(tweet)
     except BadTweet as exc:
-        _bad(totals, number, str(exc), passes)
+        _bad(totals, number, str(exc), passes, "published as it is" if publish_bad else "skipped")
         return None
 
 
-def _bad(totals: Totals, number: int, reason: str, passes: int) -> None:
+def _bad(totals: Totals, number: int, reason: str, passes: int, what: str = "skipped") -> None:
     totals.bad += 1
     if passes == 0:  # later passes repeat the same lines; report them once
         totals.bad_lines.append(BadLine(number, reason))
-        _LOG.warning("line %d skipped: %s", number, reason)
+        _LOG.warning("line %d %s: %s", number, what, reason)

@@ -79,6 +79,7 @@ def test_streaming_job_dead_letters_the_published_bad_lines(pubsub_names, redis_
              "--speed", "0", "--publish-bad"],
             cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
+        assert "line 21 published as it is: invalid JSON" in done.stderr
         summary = json.loads(done.stdout.splitlines()[-1])
         assert summary["published"] == 300 and summary["bad_published"] == 7
         _wait_for(client, 292, 7)
