@@ -58,9 +58,11 @@ def pipeline_argv(argv: list[str]) -> tuple[Any, list[str]]:
     flags, rest = parser().parse_known_args(argv)
     if not flags.temp_location.startswith("gs://"):
         raise ValueError("--temp_location must be a gs:// path")
+    # Beam validates them when it builds the job (not for --dry_run alone).
     for name in ("temp_location", "staging_location"):
         value = getattr(flags, name)
-        if value is not None and not _GCS_PATH.fullmatch(value):
+        if (flags.job_file or not flags.dry_run) and value is not None \
+                and not _GCS_PATH.fullmatch(value):
             raise ValueError(f"--{name} {value}: not a gs://BUCKET/PATH with a valid bucket "
                              "name (lower-case letters, digits, '-', '_' and '.')")
     if flags.max_num_workers is not None and flags.max_num_workers < 1:
