@@ -19,7 +19,9 @@ every bundle. ``install`` changes four private parts of it, in this process:
    bundles run on ``threads`` worker threads instead of one, so the model
    (which releases the GIL) runs while other tweets are parsed and written;
    the four things Beam's executor gets wrong with more than one thread are
-   fixed: a false stall report, a monitor that spins, 5 s more at shutdown,
+   fixed: a false stall report (twice: while a finished bundle's update waits
+   in the queue, and while a round that fired timers left the next Pub/Sub
+   pull pending; it killed the job), a monitor that spins, 5 s more at shutdown,
    and timers read from a step's per-key states while another thread's
    bundle adds a key ("dictionary changed size during iteration", which
    failed the job: ``watermark_manager._TransformWatermarks``).
@@ -228,10 +230,16 @@ def _patch_executor(threads: int) -> None:
     should_shutdown, call = monitor._should_shutdown, monitor.call
 
     def _should_shutdown(self):
-        # A bundle's update is queued before its executor is deregistered, so
-        # reading the queue after finding none running cannot miss it.
-        if not self._is_executing() and not self._executor.all_updates._queue.empty():
-            return False
+        if not self._is_executing():
+            # A bundle's update is queued before its executor is deregistered,
+            # so reading the queue after finding none running cannot miss it.
+            if not self._executor.all_updates._queue.empty():
+                return False
+            # A round that fired timers leaves the roots' pending bundles (the
+            # next Pub/Sub pull) for the next round; a timer bundle that ran
+            # meanwhile on another thread and output nothing posts no update.
+            if any(self._executor.node_to_pending_bundles.values()):
+                return False
         return should_shutdown(self)
 
     def _call(self, state_sampler):

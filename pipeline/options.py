@@ -94,6 +94,12 @@ class BertstreamOptions(PipelineOptions):
         inf.add_argument("--model_dir", default=DEFAULT_MODEL_DIR,
                          help="SavedModel base dir (newest version) or a version dir "
                               "(env BERTSTREAM_MODEL_DIR)")
+        inf.add_argument("--model_reload_seconds", type=float, default=30,
+                         help="how often a worker looks for a newer version under --model_dir "
+                              "(TF Serving's layout, <dir>/<version>/) and switches to it once "
+                              "it has loaded and scored a check text; a version that fails is "
+                              "logged and skipped. 0: never (also when --model_dir names a "
+                              "version directory)")
         inf.add_argument("--model_signature", default="serving_default",
                          help="signature of the local SavedModel")
         inf.add_argument("--tfserving_target", default="bertservice:8500",
@@ -163,6 +169,8 @@ class BertstreamOptions(PipelineOptions):
             raise ValueError("--max_batch_size must be at least 1")
         if self.allowed_lateness_seconds < 0:
             raise ValueError("--allowed_lateness_seconds must not be negative")
+        if self.model_reload_seconds < 0:
+            raise ValueError("--model_reload_seconds must not be negative")
         if self.direct_threads < 1:
             raise ValueError("--direct_threads must be at least 1")
         if self.direct_pubsub_max_messages < 1:

@@ -29,7 +29,7 @@ from transforms.pubsub import (
     subscription_for_topic,
 )
 from transforms.records import Envelope
-from transforms.redis_sink import WriteDeadLetters, WriteToRedis
+from transforms.redis_sink import CountInRedis, WriteDeadLetters, WriteToRedis
 from transforms.windowing import WindowByEventTime
 
 _LOG = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ def model_handler(o: BertstreamOptions):
         from transforms.tfserving import tfserving_handler
 
         return tfserving_handler(o)
-    return local_handler(o.model_dir, o.model_signature)
+    return local_handler(o.model_dir, o.model_signature, o.model_reload_seconds)
 
 
 class Outputs(NamedTuple):
@@ -148,6 +148,7 @@ def build(p: beam.Pipeline, o: BertstreamOptions, handler=None) -> Outputs:
                               ("SinkDeadLetters", written.dead_letters))]
             | "AllDeadLetters" >> beam.Flatten())
     dead_written = dead | "WriteDeadLetters" >> WriteDeadLetters(o.redis_config())
+    deduped.skipped | "CountDuplicates" >> CountInRedis(o.redis_config(), "duplicates_skipped")
     if o.is_pubsub and profile.acknowledges_in_graph:
         # Every input's end (written, dead-lettered, skipped as a copy) is
         # acknowledged only now: a job killed before loses nothing.
@@ -229,9 +230,14 @@ def wait_or_cancel(result, cancel_timeout_s: float = 60.0) -> None:
                     result.cancel()
                 except (NotImplementedError, RuntimeError, ValueError) as err:
                     _LOG.warning("cancel: %s", err)
-                if not finished.wait(cancel_timeout_s):
-                    _LOG.warning("the job did not end within %.0f s of cancelling",
-                                 cancel_timeout_s)
+                # Beam's DirectRunner says CANCELLED but never returns from
+                # wait_until_finish: watch the state too.
+                deadline = time.monotonic() + cancel_timeout_s
+                while not finished.wait(0.2) and not PipelineState.is_terminal(result.state):
+                    if time.monotonic() > deadline:
+                        _LOG.warning("the job did not end within %.0f s of cancelling",
+                                     cancel_timeout_s)
+                        break
                 break
     finally:
         for sig, handler in handlers.items():

@@ -35,12 +35,14 @@ def _counter(metrics, namespace: str, name: str) -> int:
 
 
 def collect(result, seconds: float, before: dict[str, int], after: dict[str, int]) -> Summary:
-    """Reads the job's Beam counters, and the sink's totals in Redis
-    (``before``/``after`` the run) for what was written: those count each
-    tweet once, where a runner that retries a bundle may count it again."""
+    """The totals the job keeps in Redis (``before``/``after`` the run): exact
+    on every runner, and each input counted once where a runner that retries
+    a bundle may count it twice in its metrics. Every input is one result,
+    one duplicate (skipped by the job or found already in Redis) or one dead
+    letter, so their sum is what was read. Batch sizes come from Beam's
+    metrics; where those miss batches (Beam's legacy DirectRunner drops
+    updates of later streaming bundles) they are reported as unknown (0)."""
     m = result.metrics()
-    parsed = _counter(m, "ParseTweets", "parsed")
-    parse_dead = _counter(m, "ParseTweets", "dead_lettered")
 
     def delta(name: str) -> int:
         return after.get(name, 0) - before.get(name, 0)
@@ -55,12 +57,16 @@ def collect(result, seconds: float, before: dict[str, int], after: dict[str, int
             biggest = max(biggest, value.max)
     real = _counter(m, "RunSentiment", "real_tokens")
     padded = _counter(m, "RunSentiment", "padded_tokens")
+    results, already = delta("results"), delta("already_written")
+    skipped, dead = delta("duplicates_skipped"), delta("dead_letters")
+    if total < results + already:  # the runner lost some batches' metrics
+        count = total = biggest = real = padded = 0
     return Summary(
-        read=parsed + parse_dead,
-        results=delta("results"),
-        already_written=delta("already_written"),
-        duplicates_skipped=_counter(m, "DedupeByTweetId", "duplicates_skipped"),
-        dead_lettered=delta("dead_letters"),
+        read=results + already + skipped + dead,
+        results=results,
+        already_written=already,
+        duplicates_skipped=skipped,
+        dead_lettered=dead,
         late=delta("late"),
         seconds=seconds,
         mean_batch_size=total / count if count else 0.0,
@@ -81,8 +87,10 @@ def render(summary: Summary, redis_url: str, stream: str, channel: str,
         f"  dead-lettered       {summary.dead_lettered}",
         f"  late                {summary.late}",
         f"  tweets/s            {summary.tweets_per_second:.1f} "
-        f"({summary.seconds:.1f}s; mean batch {summary.mean_batch_size:.1f}, "
-        f"max {summary.max_batch_size})",
+        f"({summary.seconds:.1f}s; " + (
+            f"mean batch {summary.mean_batch_size:.1f}, max {summary.max_batch_size})"
+            if summary.max_batch_size else "batch sizes unknown: the runner's metrics "
+                                           "missed some)"),
         f"  results in          {redis_url}  stream {stream}, channel {channel}, "
         f"dead letters {deadletter_stream}",
         f"  look:               {redis_cli} XRANGE {stream} - + COUNT 5",

@@ -114,13 +114,14 @@ def test_the_handler_reads_what_tfx_bsls_prediction_logs_hold(tiny_model_dir, mo
     from transforms.inference import local_handler
 
     handler = local_handler(str(tiny_model_dir))
-    model = handler.load_model()
+    slot = handler.load_model()
+    loaded = slot.current()
     texts = [b"great day", b"awful service, never again", "caf\u00e9 ok \U0001F600".encode()]
     with monkeypatch.context() as patched:
-        patched.setattr(handler._tfx, "_post_process",
+        patched.setattr(loaded.tfx, "_post_process",
                         lambda *a: pytest.fail("PredictionLogs were built"))
-        scores = handler.run_inference(texts, model)
-    logs = handler._tfx.run_inference(texts, model)
+        scores = handler.run_inference(texts, slot)
+    logs = loaded.tfx.run_inference(texts, loaded.session)
     expected = [tf.make_ndarray(log.predict_log.response.outputs["probabilities"]).ravel().tolist()
                 for log in logs]
     assert len(scores) == len(texts)
@@ -136,7 +137,7 @@ def test_loading_the_model_freezes_the_heap_it_leaves(tiny_model_dir, monkeypatc
     from transforms import inference
     from transforms.inference import local_handler
 
-    monkeypatch.setattr(inference, "_LOADED", {})
+    monkeypatch.setattr(inference, "_SLOTS", {})
     gc.unfreeze()
     assert gc.get_freeze_count() == 0
     local_handler(str(tiny_model_dir)).load_model()

@@ -24,14 +24,18 @@ Two layouts of the streaming idea (``shards``):
 - per id (0, the default): the key is the tweet id; runners keep keyed state
   and timers in indexed stores, so this scales with the stream.
 - sharded (N): the ids go to N keys, each with two generations of ids
-  (``SetState``) rotated every ``ttl_seconds / 2`` of event time by one
+  (``SetState``) rotated every ``ttl_seconds / 2`` of processing time by one
   timer: an id is remembered between ``ttl/2`` and ``ttl``. For Beam's legacy
   DirectRunner, which walks every key a stateful DoFn has ever seen on each
   timer tick (``watermark_manager.extract_transform_timers``): with a key per
   tweet a long run slowed down linearly (55% of the job's CPU in that walk
-  after 3,000 tweets). Dataflow does not support ``SetState``.
+  after 3,000 tweets). Processing time there, because that runner's Pub/Sub
+  watermark is the wall clock (an event-time TTL would forget a replayed old
+  tweet at once) and its processing-time timers hold no watermark. Dataflow
+  does not support ``SetState``.
 """
 
+import time
 import zlib
 
 import apache_beam as beam
@@ -44,7 +48,7 @@ from apache_beam.transforms.userstate import (
     TimerSpec,
     on_timer,
 )
-from apache_beam.utils.timestamp import Duration
+from apache_beam.utils.timestamp import Duration, Timestamp
 
 from transforms.records import Tweet, seconds_from_iso
 
@@ -113,16 +117,16 @@ class _FirstPerIdShardedFn(beam.DoFn):
     CURRENT = SetStateSpec("current", StrUtf8Coder())
     PREVIOUS = SetStateSpec("previous", StrUtf8Coder())
     ARMED = ReadModifyWriteStateSpec("armed", BooleanCoder())
-    ROTATE = TimerSpec("rotate", TimeDomain.WATERMARK)
+    ROTATE = TimerSpec("rotate", TimeDomain.REAL_TIME)
 
     def __init__(self, ttl_seconds: float):
-        self._half = Duration.of(ttl_seconds / 2)
+        self._half = ttl_seconds / 2
         self._unique = Metrics.counter("DedupeByTweetId", "unique")
         self._duplicates = Metrics.counter("DedupeByTweetId", "duplicates_skipped")
 
-    def process(self, element, timestamp=beam.DoFn.TimestampParam,
-                current=beam.DoFn.StateParam(CURRENT), previous=beam.DoFn.StateParam(PREVIOUS),
-                armed=beam.DoFn.StateParam(ARMED), rotate=beam.DoFn.TimerParam(ROTATE)):
+    def process(self, element, current=beam.DoFn.StateParam(CURRENT),
+                previous=beam.DoFn.StateParam(PREVIOUS), armed=beam.DoFn.StateParam(ARMED),
+                rotate=beam.DoFn.TimerParam(ROTATE)):
         _, tweet = element
         key = dedupe_key(tweet)
         if key in current.read() or key in previous.read():
@@ -132,12 +136,12 @@ class _FirstPerIdShardedFn(beam.DoFn):
         current.add(key)
         if not armed.read():
             armed.write(True)
-            rotate.set(timestamp + self._half)
+            rotate.set(Timestamp.of(time.time() + self._half))
         self._unique.inc()
         yield tweet
 
     @on_timer(ROTATE)
-    def rotate(self, fired=beam.DoFn.TimestampParam, current=beam.DoFn.StateParam(CURRENT),
+    def rotate(self, current=beam.DoFn.StateParam(CURRENT),
                previous=beam.DoFn.StateParam(PREVIOUS), armed=beam.DoFn.StateParam(ARMED),
                rotate=beam.DoFn.TimerParam(ROTATE)):
         keys = set(current.read())
@@ -146,7 +150,7 @@ class _FirstPerIdShardedFn(beam.DoFn):
             previous.add(key)
         current.clear()
         if keys:  # the previous generation must expire in turn
-            rotate.set(fired + self._half)
+            rotate.set(Timestamp.of(time.time() + self._half))
         else:
             armed.clear()
 

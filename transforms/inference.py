@@ -24,6 +24,7 @@ import inspect
 import logging
 import re
 import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple, Optional
 
@@ -275,16 +276,22 @@ class _TF2Session:
         (self._arg,) = self._fn.structured_input_signature[1].keys()
         self._warm_up()
 
+    def input_for(self, text: bytes) -> bytes:
+        """What the signature takes for ``text``: the text, or for
+        serving_tf_example a serialized tf.Example holding it."""
+        if self._arg != "examples":
+            return text
+        tf = self._tf
+        return tf.train.Example(features=tf.train.Features(feature={
+            "text": tf.train.Feature(bytes_list=tf.train.BytesList(value=[text]))
+        })).SerializeToString()
+
     def _warm_up(self) -> None:
         """One call at load time, as TF Serving does with its warm-up
         requests: the first call of a loaded signature costs about 0.6 s more
         than the next (measured on MiniLM), which the first tweets of a
         stream would otherwise wait for. Later shapes cost nothing extra."""
-        text = b"warm up"
-        if self._arg == "examples":  # serving_tf_example: serialized tf.Examples
-            text = self._tf.train.Example(features=self._tf.train.Features(feature={
-                "text": self._tf.train.Feature(
-                    bytes_list=self._tf.train.BytesList(value=[text]))})).SerializeToString()
+        text = self.input_for(b"warm up")
         try:
             self._fn(**{self._arg: self._tf.constant([text], dtype=self._tf.string)})
         except Exception as err:  # noqa: BLE001 - only an optimization; real calls report errors
@@ -327,46 +334,176 @@ def check_tfx_bsl_private_api(handler_class: type) -> None:
             "transforms/inference.py). Install the tfx-bsl that constraints.txt pins.")
 
 
-_LOADED: dict[tuple[str, str], Any] = {}
-_LOADED_LOCK = threading.Lock()
+class LoadedVersion(NamedTuple):
+    """One loaded model version: tfx-bsl's handler for it (its signature
+    checks and fetches) and the model it loaded."""
+
+    version: str
+    version_dir: str
+    tfx: Any
+    session: Any
+
+
+def load_version(version_dir: str, signature: str) -> LoadedVersion:
+    """Loads a version and scores one text with it. Raises (with the reason)
+    when it is not a model this job can use: unloadable, no such signature,
+    outputs that are not 3 probabilities per text."""
+    from tfx_bsl.beam import run_inference as tfx_run_inference
+    from tfx_bsl.public.proto import model_spec_pb2
+
+    spec = model_spec_pb2.InferenceSpecType(saved_model_spec=model_spec_pb2.SavedModelSpec(
+        model_path=version_dir, signature_name=[signature]))
+    tfx = tfx_run_inference.create_model_handler(
+        spec, lambda path, tags: _TF2Session(path, signature), None)
+    check_tfx_bsl_private_api(type(tfx))
+    session = tfx.load_model()
+    probe = [session.input_for(b"a model check")]
+    probabilities = np.asarray(tfx._run_inference(probe, probe, session)["probabilities"])
+    if probabilities.shape != (1, len(LABELS)) or not np.isfinite(probabilities).all():
+        raise ValueError(f"'probabilities' has shape {probabilities.shape}, not "
+                         f"(batch, {len(LABELS)})")
+    base = version_dir.rstrip("/").rsplit("/", 1)[-1]
+    return LoadedVersion(base if base.isdigit() else "0", version_dir, tfx, session)
+
+
+class ModelSlot:
+    """The model version this worker process scores with.
+
+    Given a base directory (TF Serving's layout, ``<base>/<version>/``), a
+    thread of its own looks for a newer version every ``reload_seconds`` and
+    loads it while the current one keeps scoring; once the new one
+    has loaded and scored a check text it takes over. A version that fails
+    (unloadable, wrong signature, wrong outputs) is logged with the reason and
+    not tried again; the current version keeps serving.
+
+    Why not Beam's ``RunInference(model_metadata_pcoll=WatchFilePattern(...))``:
+    its side input comes from ``PeriodicImpulse``, a splittable DoFn, and on
+    the runners this job runs locally (the legacy DirectRunner, Prism) a
+    pipeline with it emitted nothing in 40 s; it also fails the bundle, and
+    with it the job, when a new version does not load. This check runs in
+    the handler, the same on every runner.
+    """
+
+    def __init__(self, model_dir: str, signature: str, reload_seconds: float):
+        from model.serving import resolve
+
+        self._signature = signature
+        first = str(resolve(model_dir))
+        self._base = None if first.rstrip("/") == str(model_dir).rstrip("/") else str(model_dir)
+        self._reload_seconds = reload_seconds
+        self._lock = threading.Lock()
+        self._current = load_version(first, signature)
+        # Version dir -> the fingerprint it had when it failed to load: tried
+        # again only once its files change (it may have been half copied).
+        self._rejected: dict[str, tuple] = {}
+        self._loading: threading.Thread | None = None
+        _freeze_heap()
+        if self._base and reload_seconds > 0:
+            threading.Thread(target=self._watch, daemon=True,
+                             name="bertstream-model-watch").start()
+
+    def current(self) -> LoadedVersion:
+        return self._current
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(self._reload_seconds)
+            try:
+                self._check()
+            except Exception as err:  # noqa: BLE001 - the watch must outlive a bad listing
+                _LOG.warning("looking for a new model version under %s failed: %s",
+                             self._base, err)
+
+    def _check(self) -> None:
+        from model.serving import resolve
+
+        with self._lock:
+            if self._loading is not None:
+                return
+            try:
+                newest = str(resolve(self._base))
+            except FileNotFoundError:
+                return
+            if newest == self._current.version_dir:
+                return
+            fingerprint = _fingerprint(newest)
+            if self._rejected.get(newest) == fingerprint:
+                return
+            self._loading = threading.Thread(target=self._load, args=(newest, fingerprint),
+                                             daemon=True, name="bertstream-model-reload")
+            self._loading.start()
+
+    def _load(self, version_dir: str, fingerprint: tuple) -> None:
+        _LOG.info("loading model version %s", version_dir)
+        try:
+            loaded = load_version(version_dir, self._signature)
+        except Exception as err:  # noqa: BLE001 - any failure rejects the version
+            reason = f"{type(err).__name__}: {str(err)[:500]}"
+            with self._lock:
+                self._rejected[version_dir] = fingerprint
+                self._loading = None
+            _LOG.warning("model version %s rejected, %s keeps serving: %s", version_dir,
+                         self._current.version_dir, reason)
+            return
+        with self._lock:
+            previous, self._current = self._current, loaded
+            self._loading = None
+        _LOG.info("model version %s now serving (was %s)", loaded.version, previous.version)
+        # The old version's objects were frozen with the heap: thaw, let them
+        # go, freeze what stays.
+        del previous
+        gc.unfreeze()
+        _freeze_heap()
+
+
+def _fingerprint(version_dir: str) -> tuple:
+    """(files, bytes, newest modification) of a version directory."""
+    import tensorflow as tf
+
+    files = size = newest = 0
+    for root, _, names in tf.io.gfile.walk(version_dir):
+        for name in names:
+            stat = tf.io.gfile.stat(f"{root.rstrip('/')}/{name}")
+            files, size = files + 1, size + stat.length
+            newest = max(newest, stat.mtime_nsec)
+    return files, size, newest
+
+
+_SLOTS: dict[tuple[str, str], ModelSlot] = {}
+_SLOTS_LOCK = threading.Lock()
 
 
 class _LocalScoresHandler(ModelHandler):
-    """tfx-bsl's in-process handler, with its outputs read into ``Scores``."""
+    """tfx-bsl's in-process handler, with its outputs read into ``Scores``,
+    on the ``ModelSlot`` of ``model_dir``."""
 
-    def __init__(self, version_dir: str, signature: str):
+    def __init__(self, model_dir: str, signature: str, reload_seconds: float):
         super().__init__()
         from tfx_bsl.beam import run_inference as tfx_run_inference
-        from tfx_bsl.public.proto import model_spec_pb2
 
-        spec = model_spec_pb2.InferenceSpecType(saved_model_spec=model_spec_pb2.SavedModelSpec(
-            model_path=version_dir, signature_name=[signature]))
-        self._tfx = tfx_run_inference.create_model_handler(
-            spec, lambda path, tags: _TF2Session(path, signature), None)
-        check_tfx_bsl_private_api(type(self._tfx))
-        self._version_dir, self._signature = version_dir, signature
-        base = version_dir.rstrip("/").rsplit("/", 1)[-1]
-        self._version = base if base.isdigit() else "0"
+        check_tfx_bsl_private_api(tfx_run_inference._PredictModelHandler)
+        self._model_dir, self._signature = model_dir, signature
+        self._reload_seconds = reload_seconds
 
-    def load_model(self):
-        # One model per version and signature per process: Beam's Shared
-        # handle would let it go between bundles on runners that drop their
-        # DoFns (2 s to load each time).
-        key = (self._version_dir, self._signature)
-        with _LOADED_LOCK:
-            if key not in _LOADED:
-                _LOADED[key] = self._tfx.load_model()
-                _freeze_heap()
-            return _LOADED[key]
+    def load_model(self) -> ModelSlot:
+        # One slot per model and signature per process: Beam's Shared handle
+        # would let the model go between bundles on runners that drop their
+        # DoFns (seconds to load each time).
+        key = (self._model_dir, self._signature)
+        with _SLOTS_LOCK:
+            if key not in _SLOTS:
+                _SLOTS[key] = ModelSlot(self._model_dir, self._signature, self._reload_seconds)
+            return _SLOTS[key]
 
-    def run_inference(self, batch, model, inference_args=None):
+    def run_inference(self, batch, slot: ModelSlot, inference_args=None):
         batch = list(batch)
-        outputs = self._tfx._run_inference(batch, batch, model)
+        loaded = slot.current()
+        outputs = loaded.tfx._run_inference(batch, batch, loaded.session)
         probabilities = np.asarray(outputs["probabilities"], dtype=np.float32)
         if probabilities.shape[:1] != (len(batch),):
             raise ValueError(f"the model returned {probabilities.shape[0]} rows of "
                              f"probabilities for a batch of {len(batch)}")
-        return [Scores(row.tolist(), self._version) for row in probabilities]
+        return [Scores(row.tolist(), loaded.version) for row in probabilities]
 
     def share_model_across_processes(self) -> bool:
         return False
@@ -387,11 +524,14 @@ def _freeze_heap() -> None:
     gc.freeze()
 
 
-def local_handler(model_dir: str, signature: str = "serving_default") -> ModelHandler:
-    """tfx-bsl's handler for the newest version under ``model_dir``."""
+def local_handler(model_dir: str, signature: str = "serving_default",
+                  reload_seconds: float = 0) -> ModelHandler:
+    """tfx-bsl's handler for the newest version under ``model_dir``; with
+    ``reload_seconds`` > 0 and a base directory, it follows new versions."""
     from model.serving import resolve
 
-    return _LocalScoresHandler(str(resolve(model_dir)), signature)
+    resolve(model_dir)  # fails here, naming the path, when there is no model
+    return _LocalScoresHandler(str(model_dir), signature, reload_seconds)
 
 
 class _ToResultFn(beam.DoFn):
