@@ -52,7 +52,7 @@ def _publish_flags(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m ingest",
-        description="Publish tweets to Pub/Sub in bertstream's message format (DESIGN.md): "
+        description="Publish tweets to Pub/Sub in bertstream's message format (docs/architecture.md): "
                     "data = the tweet JSON, attributes tweet_id and event_ts.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

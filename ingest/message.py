@@ -1,6 +1,6 @@
 """Turns one tweet (a JSON line or a stream payload) into a Pub/Sub message.
 
-The message format is the contract in DESIGN.md: data is the UTF-8 JSON of the
+The message format is the contract in docs/architecture.md: data is the UTF-8 JSON of the
 X API v2 tweet object with ``id`` as a string, and the attributes are
 ``tweet_id`` (the pipeline's dedupe key) and ``event_ts`` (RFC 3339, the event
 time the pipeline windows on). Everything that cannot honour that contract is

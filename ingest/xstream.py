@@ -35,7 +35,7 @@ from ingest.rules import fetch_rules, reconcile
 _LOG = logging.getLogger(__name__)
 
 API_HOST = "https://api.twitter.com"  # what tweepy's clients call
-# The fields the pipeline reads (DESIGN.md's message contract). None of them
+# The fields the pipeline reads (docs/architecture.md's message contract). None of them
 # needs an expansion: referenced_tweets carries type and id on the tweet itself.
 TWEET_FIELDS = ("created_at", "author_id", "lang", "referenced_tweets")
 
