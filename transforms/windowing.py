@@ -42,22 +42,38 @@ class _MarkLateFn(beam.DoFn):
     def __init__(self):
         self._late = Metrics.counter("WindowByEventTime", "late_tweets")
 
+    def setup(self):
+        self._known: dict = {}
+
+    def start_bundle(self):
+        # (key, window) -> closed: the state is read, and the timer set, once
+        # per window and bundle instead of once per tweet (on a portable
+        # runner each is a round trip to the runner). Only this DoFn's timer
+        # changes the flag, and it updates this too.
+        self._known = {}
+
     def process(self, element, w=beam.DoFn.WindowParam,
                 closed=beam.DoFn.StateParam(CLOSED),
                 end_of_window=beam.DoFn.TimerParam(END_OF_WINDOW)):
-        _, tweet = element
+        key, tweet = element
         tweet = tweet._replace(window_start=iso_from_seconds(float(w.start)),
                                window_end=iso_from_seconds(float(w.end)))
-        if closed.read():
+        is_closed = self._known.get((key, w))
+        if is_closed is None:
+            is_closed = self._known[(key, w)] = bool(closed.read())
+            if not is_closed:
+                end_of_window.set(w.max_timestamp())
+        if is_closed:
             self._late.inc()
             yield tweet._replace(late=True)
             return
-        end_of_window.set(w.max_timestamp())
         yield tweet
 
     @on_timer(END_OF_WINDOW)
-    def close(self, closed=beam.DoFn.StateParam(CLOSED)):
+    def close(self, key=beam.DoFn.KeyParam, w=beam.DoFn.WindowParam,
+              closed=beam.DoFn.StateParam(CLOSED)):
         closed.write(True)
+        self._known[(key, w)] = True
 
 
 class _StampWindowFn(beam.DoFn):
