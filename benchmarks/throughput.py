@@ -2,7 +2,7 @@
 
     python benchmarks/throughput.py [--n 1000] [--model_dir DIR]
         [--runner DirectRunner|PrismRunner|FlinkRunner] [--densities 0.5,4,50,200]
-        [--modes backlog,live] [--no_file] [--direct_optimizations on|off]
+        [--modes backlog,live] [--no_file] [--job_flag=--direct_optimizations=off]
 
 Tweets are real ones of every length (``common.varied_texts``: the shipped
 sample and two collections of labelled tweets). Prints progress on stderr

@@ -3,28 +3,38 @@
 The message format is the contract in docs/architecture.md: data is the UTF-8 JSON of the
 X API v2 tweet object with ``id`` as a string, and the attributes are
 ``tweet_id`` (the pipeline's dedupe key) and ``event_ts`` (RFC 3339, the event
-time the pipeline windows on). Everything that cannot honour that contract is
-refused here with a reason, so both ingesters skip and report the same things.
+time the pipeline windows on). Tweets are checked by the job's own rules
+(``transforms.contract``): what the job would dead-letter is refused here,
+before publishing, with the reason the job would give, and both ingesters
+skip and report the same things.
 """
 
 from __future__ import annotations
 
 import json
-import re
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, NamedTuple
 
+from transforms.contract import (
+    BadMessage,
+    check_id,
+    check_size,
+    check_tweet,
+    format_rfc3339,
+    load_json,
+)
+
+# The contract's exception and time format under the names ingest's callers
+# (and benchmarks/) use; ``BadTweet.code`` says which rule, ``str()`` the reason.
+BadTweet = BadMessage
+format_time = format_rfc3339
+
 # The service refuses a PublishRequest over 10 MB (the client checks the same
-# number before sending); a message that alone exceeds it can never be sent.
+# number before sending). A tweet never comes near it (the contract's 1 MiB
+# does first); a line published as it is with --publish-bad can.
 PUBSUB_MAX_REQUEST_BYTES = 10 * 1000 * 1000
 # Room for the request's own fields (the topic name) next to one message.
 _REQUEST_OVERHEAD_BYTES = 1000
-
-_DIGITS = re.compile(r"[0-9]{1,25}")
-
-
-class BadTweet(ValueError):
-    """A line or payload that cannot become a message; ``str()`` is the reason."""
 
 
 class TweetMessage(NamedTuple):
@@ -63,67 +73,41 @@ def _field_size(length: int) -> int:
     return 1 + max(1, (length.bit_length() + 6) // 7) + length
 
 
-def parse_json(raw: bytes | str) -> Any:
-    """Parses JSON without losing precision in tweet ids.
+# Lines and stream payloads are parsed as the job parses a message: exact
+# integers (an id above 2**53 survives), BadTweet with the job's reason.
+parse_json = load_json
 
-    Python's ``json`` keeps integers exact, unlike JavaScript, so an id that
-    arrives as a number above 2**53 survives; a float id has already been
-    rounded by whoever wrote it, so it is kept as a float here and refused in
-    ``to_message``.
+
+def encode(tweet: Any) -> bytes:
+    """The data ``to_message`` publishes for ``tweet``: compact UTF-8 JSON, an
+    integer ``id`` written as a string.
+
+    Raises:
+      BadTweet: nested too deeply to write out.
     """
-    if isinstance(raw, bytes):
+    if isinstance(tweet, dict) and isinstance(tweet.get("id"), int):
         try:
-            raw = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise BadTweet(f"not UTF-8 (byte {exc.start})") from None
+            tweet = {**tweet, "id": check_id(tweet["id"])}
+        except BadTweet:
+            pass  # check_tweet refuses it, with the reason
     try:
-        return json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise BadTweet(f"invalid JSON: {exc.msg} (column {exc.colno})") from None
-
-
-def parse_time(value: Any) -> datetime:
-    """Parses an RFC 3339 ``created_at`` (X writes ``2026-11-20T10:00:00.000Z``)."""
-    if not isinstance(value, str) or not value:
-        raise BadTweet("no created_at (the pipeline needs it as the event time)")
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        raise BadTweet(f"created_at is not RFC 3339: {value[:40]!r}") from None
-    if parsed.tzinfo is None:
-        raise BadTweet(f"created_at has no time zone: {value[:40]!r}")
-    return parsed.astimezone(UTC)
-
-
-def format_time(value: datetime) -> str:
-    """RFC 3339 in UTC with milliseconds, the way X and Beam's timestamp_attribute write it."""
-    value = value.astimezone(UTC)
-    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
-
-
-def _tweet_id(tweet: dict[str, Any]) -> str:
-    value = tweet.get("id")
-    if value is None:
-        raise BadTweet("no id")
-    if isinstance(value, (bool, float)):
-        raise BadTweet(f"id is a {type(value).__name__} ({value!r}); ids must be strings or integers "
-                       "(floats above 2**53 are already rounded)")
-    if isinstance(value, int):
-        value = str(value)
-    if not isinstance(value, str) or not _DIGITS.fullmatch(value):
-        raise BadTweet(f"id is not a decimal number: {str(value)[:40]!r}")
-    return value
-
-
-def _json_type(value: Any) -> str:
-    """How a JSON reader would name the value's type, for error messages."""
-    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string",
-             list: "an array", dict: "an object", type(None): "null"}
-    return names.get(type(value), type(value).__name__)
+        try:
+            text = json.dumps(tweet, ensure_ascii=False, separators=(",", ":"))
+            return text.encode("utf-8")
+        except UnicodeEncodeError:
+            # A lone surrogate (JSON's "\ud800"), which UTF-8 cannot carry: escape
+            # everything, as the JSON it came from did; the contract then decides.
+            return json.dumps(tweet, separators=(",", ":")).encode("ascii")
+    except RecursionError:
+        raise BadTweet("bad_json", "invalid JSON: nested too deeply") from None
 
 
 def to_message(tweet: Any) -> TweetMessage:
-    """Validates one tweet object and encodes it as the contract's message.
+    """Checks one tweet object by the message contract and encodes it.
+
+    The checks are the job's own (``transforms.contract``), on the data as it
+    would be published, in the job's order: the size first, then the fields;
+    ``created_at`` is required, as it becomes the ``event_ts`` attribute.
 
     Args:
       tweet: the parsed X API v2 tweet object (``payload["data"]`` on the stream).
@@ -132,28 +116,16 @@ def to_message(tweet: Any) -> TweetMessage:
       The message; its data is the tweet with ``id`` as a string.
 
     Raises:
-      BadTweet: with the reason, for anything the pipeline could not use.
+      BadTweet: with the reason the job would give, for anything it would refuse.
     """
-    if not isinstance(tweet, dict):
-        raise BadTweet(f"{_json_type(tweet)}, not a JSON object")
-    tweet_id = _tweet_id(tweet)
-    text = tweet.get("text")
-    if not isinstance(text, str):
-        raise BadTweet(f"text is {'missing' if text is None else _json_type(text)}, not a string")
-    if not text.strip():
-        raise BadTweet("text is empty" if not text else "text is only whitespace")
-    event_time = parse_time(tweet.get("created_at"))
-    tweet = {**tweet, "id": tweet_id}
     try:
-        data = json.dumps(tweet, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    except UnicodeEncodeError:
-        # JSON may carry "\ud800" escapes that decode to lone surrogates.
-        raise BadTweet("text is not valid Unicode (lone surrogate)") from None
-    message = TweetMessage(data, tweet_id, format_time(event_time), event_time)
-    if message.size > PUBSUB_MAX_REQUEST_BYTES - _REQUEST_OVERHEAD_BYTES:
-        raise BadTweet(f"message is {message.size} bytes, over Pub/Sub's 10 MB limit "
-                       f"({PUBSUB_MAX_REQUEST_BYTES} bytes per publish request)")
-    return message
+        data = encode(tweet)
+    except BadTweet:  # too deep to write out: the job's reason first, where it has one
+        check_tweet(tweet, require_created_at=True)
+        raise
+    check_size(data)
+    fields = check_tweet(tweet, require_created_at=True)
+    return TweetMessage(data, fields.tweet_id, format_rfc3339(fields.created), fields.created)
 
 
 class RawMessage(NamedTuple):
@@ -187,11 +159,11 @@ def raw_message(raw: bytes, event_time: datetime | None = None) -> RawMessage:
     try:
         tweet = parse_json(raw)
         if isinstance(tweet, dict):
-            tweet_id = _tweet_id(tweet)
+            tweet_id = check_id(tweet.get("id"))
     except BadTweet:
         pass
-    message = RawMessage(raw, tweet_id, format_time(event_time) if event_time else "")
+    message = RawMessage(raw, tweet_id, format_rfc3339(event_time) if event_time else "")
     if message.size > PUBSUB_MAX_REQUEST_BYTES - _REQUEST_OVERHEAD_BYTES:
-        raise BadTweet(f"message is {message.size} bytes, over Pub/Sub's 10 MB limit "
-                       f"({PUBSUB_MAX_REQUEST_BYTES} bytes per publish request)")
+        raise BadTweet("too_large_for_pubsub", f"message is {message.size} bytes, over "
+                       f"Pub/Sub's 10 MB limit ({PUBSUB_MAX_REQUEST_BYTES} bytes per request)")
     return message

@@ -158,7 +158,7 @@ class TweetPublisher:
                                           **message.attributes)
         except (publisher_exceptions.MessageTooLargeError,
                 publisher_exceptions.FlowControlLimitError) as exc:
-            raise BadTweet(f"refused by the publisher client: {exc}") from None
+            raise BadTweet("publish_refused", f"refused by the publisher client: {exc}") from None
         with self._lock:
             self._pending.add(future)
         future.add_done_callback(lambda f, tid=message.tweet_id: self._settled(f, tid))

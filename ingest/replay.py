@@ -24,17 +24,10 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from ingest.message import (
-    BadTweet,
-    TweetMessage,
-    format_time,
-    parse_json,
-    parse_time,
-    raw_message,
-    to_message,
-)
+from ingest.message import BadTweet, TweetMessage, parse_json, raw_message, to_message
 from ingest.progress import Progress
 from ingest.publish import BadLine, PublishSettings, Totals, TweetPublisher
+from transforms.contract import check_id, format_rfc3339, parse_rfc3339
 
 _LOG = logging.getLogger(__name__)
 
@@ -66,17 +59,30 @@ def _shifted(tweet: Any, passes: int, period: timedelta) -> Any:
     """The tweet as pass ``passes`` of ``--loop`` sends it: later, with a new id.
 
     Without a new id the pipeline's dedupe would drop every pass after the
-    first. X ids are snowflakes (milliseconds << 22), so moving the id by the
-    same period keeps ids and times consistent and distinct across passes.
+    first. X ids are snowflakes (milliseconds << 22), so a decimal id moves by
+    the same period: ids and times stay consistent and distinct across passes.
+    Any other id (the contract allows "bad-1") gets the suffix ``~loop<passes>``;
+    one that the suffix takes over the contract's 64 characters is then refused
+    as a bad id. What cannot be shifted is left for ``to_message`` to refuse.
     """
     if not isinstance(tweet, dict):
         return tweet
+    tweet = dict(tweet)
+    if isinstance(tweet.get("created_at"), str):
+        try:
+            tweet["created_at"] = format_rfc3339(parse_rfc3339(tweet["created_at"]) +
+                                                 passes * period)
+        except (ValueError, OverflowError):
+            pass
     try:
-        when = parse_time(tweet.get("created_at")) + passes * period
-        new_id = int(str(tweet["id"])) + passes * (int(period.total_seconds() * 1000) << 22)
-    except (BadTweet, KeyError, ValueError):
-        return tweet  # to_message will reject it with the precise reason
-    return {**tweet, "id": str(new_id), "created_at": format_time(when)}
+        tweet_id = check_id(tweet.get("id"))
+    except BadTweet:
+        return tweet
+    if tweet_id.isascii() and tweet_id.isdigit():
+        tweet["id"] = str(int(tweet_id) + passes * (int(period.total_seconds() * 1000) << 22))
+    else:
+        tweet["id"] = f"{tweet_id}~loop{passes}"
+    return tweet
 
 
 class _Pacer:

@@ -11,12 +11,13 @@ from typing import Any
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from transforms.contract import redacted
+
 ROOT = Path(__file__).resolve().parent.parent
 SETUP_FILE = ROOT / "setup.py"
 # Option names only (whole words): transform ids in a pipeline are not secrets.
 _SECRET_KEY = re.compile(r"(^|_)(password|passwd|secret|token|api_key|private_key)(_|$)",
                          re.IGNORECASE)
-_URL_WITH_PASSWORD = re.compile(r"\b([a-z][a-z0-9+.-]*://[^/\s:@]*:)[^@\s/]+@", re.IGNORECASE)
 
 
 class JavaRuntimeOptions(PipelineOptions):
@@ -63,7 +64,7 @@ def redact(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [redact(v) for v in value]
     if isinstance(value, str):
-        return _URL_WITH_PASSWORD.sub(r"\1***@", value)
+        return redacted(value)
     return value
 
 

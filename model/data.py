@@ -34,9 +34,10 @@ from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
-_LOG = logging.getLogger(__name__)
+# The order of the model's outputs, shared with the job and the dashboard.
+from transforms.contract import LABELS
 
-LABELS = ("negative", "neutral", "positive")
+_LOG = logging.getLogger(__name__)
 
 
 class Package(NamedTuple):

@@ -20,7 +20,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import logging
 import math
@@ -36,12 +35,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, NamedTuple
 
+# Beam-free (a test checks): LABELS, the records' times and URL redaction, as the job has them.
+from transforms.contract import LABELS, iso_from_seconds, redacted, seconds_from_iso
+
 _LOG = logging.getLogger(__name__)
 
 STATIC = Path(__file__).with_name("dashboard_static")
 _TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
           ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}
-LABELS = ("negative", "neutral", "positive")
 # Nothing but this origin's own files; no inline script or style; and
 # Trusted Types make any innerHTML-style sink throw, so data stays text.
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
@@ -68,15 +69,6 @@ class Keys(NamedTuple):
     ca_file: str | None = None
 
 
-def redacted(url: str) -> str:
-    """The URL without its password, for logs and the page."""
-    parsed = urllib.parse.urlparse(url)
-    if parsed.password is None:
-        return url
-    host = f"{parsed.hostname}:{parsed.port}" if parsed.port else parsed.hostname
-    return urllib.parse.urlunparse(parsed._replace(netloc=f"{parsed.username or ''}:***@{host}"))
-
-
 def connect(keys: Keys):
     """A redis-py client; as the sink's, ``REDIS_PASSWORD`` fills a URL without one.
     No retries of its own: the reader's loop backs off and reports."""
@@ -95,17 +87,12 @@ def connect(keys: Keys):
 
 def _seconds(value: Any) -> float | None:
     """RFC 3339 to epoch seconds; None for "", missing or unparsable values."""
-    if not isinstance(value, str) or not value.strip():
+    if not isinstance(value, str):
         return None
     try:
-        stamp = dt.datetime.fromisoformat(value.strip())
+        return seconds_from_iso(value)
     except ValueError:
         return None
-    return stamp.timestamp() if stamp.tzinfo is not None else None
-
-
-def _iso(seconds: float) -> str:
-    return dt.datetime.fromtimestamp(seconds, dt.UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 def _entry_id(value: bytes | str) -> tuple[int, int]:
@@ -158,7 +145,8 @@ class Feed:
         self._changed = threading.Condition()
         self._version = 0
         self._body = b"{}"
-        self._redis: dict[str, Any] = {"ok": False, "error": "connecting", "since": _iso(time.time())}
+        self._redis: dict[str, Any] = {"ok": False, "error": "connecting",
+                                       "since": iso_from_seconds(time.time())}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._reset()
@@ -337,7 +325,7 @@ class Feed:
         if ok != self._redis["ok"] or error != self._redis["error"]:
             if ok:
                 _LOG.info("Redis at %s: connected", redacted(self.keys.url))
-            self._redis = {"ok": ok, "error": error, "since": _iso(time.time())
+            self._redis = {"ok": ok, "error": error, "since": iso_from_seconds(time.time())
                            if ok != self._redis["ok"] else self._redis["since"]}
             self._publish()
 
@@ -363,7 +351,7 @@ class Feed:
             if processed is not None:
                 v["last_seen"] = max(v["last_seen"] or 0.0, processed)
         for v in versions.values():
-            v["last_seen"] = _iso(v["last_seen"]) if v["last_seen"] else None
+            v["last_seen"] = iso_from_seconds(v["last_seen"]) if v["last_seen"] else None
         windows = []
         for start in sorted(self._win)[-self._windows_n:]:
             w = self._win[start]

@@ -65,21 +65,30 @@ def test_any_integer_id_survives_exactly(n):
     (b'\xff\xfe{"id": "1"}', "not UTF-8"),
     (b'{"id": "1", "text": 5, "created_at": "2026-11-20T10:00:00Z"}', "text is a number"),
     (b'{"id": 2.1237e18, "text": "x", "created_at": "2026-11-20T10:00:00Z"}', "already rounded"),
-    (b'{"id": "12ab", "text": "x", "created_at": "2026-11-20T10:00:00Z"}', "not a decimal"),
+    (b'{"id": "12 ab", "text": "x", "created_at": "2026-11-20T10:00:00Z"}', "whitespace"),
     (b'{"id": "1", "text": "x"}', "no created_at"),
     (b'{"id": "1", "text": "x", "created_at": "yesterday"}', "not RFC 3339"),
-    (b'{"id": "1", "text": "x", "created_at": "2026-11-20T10:00:00"}', "no time zone"),
-    (b'{"id": "1", "text": "\\ud800", "created_at": "2026-11-20T10:00:00Z"}', "lone surrogate"),
+    (b'{"id": "1", "text": "x", "created_at": "2026-11-20T10:00:00"}', "with a time zone"),
+    (b'{"id": "1", "text": "x", "created_at": "2026-11-20T10:00:00Z", "lang": [1]}', "lang is an array"),
+    (b'{"id": "1", "text": "' + b"x" * 25_001 + b'", "created_at": "2026-11-20T10:00:00Z"}',
+     "25000-character limit"),
+    (b'{"id": "1", "text": "\\ud800", "created_at": "2026-11-20T10:00:00Z"}', "lone UTF-16 surrogate"),
 ])
 def test_bad_inputs_are_refused_with_a_reason(raw, reason):
     with pytest.raises(BadTweet, match=reason):
         to_message(parse_json(raw))
 
 
-def test_message_over_10_mb_is_refused():
-    with pytest.raises(BadTweet, match="over Pub/Sub's 10 MB limit"):
-        to_message(dict(TWEET, text="x" * 10_000_000))
-    assert to_message(dict(TWEET, text="x" * 9_000_000)).size > 9_000_000
+def test_any_id_without_whitespace_is_published_as_the_job_takes_it():
+    assert to_message(dict(TWEET, id="bad-1")).attributes["tweet_id"] == "bad-1"
+
+
+def test_message_over_the_jobs_1_mib_is_refused_before_publishing():
+    # What the job would dead-letter as too_large never reaches Pub/Sub.
+    with pytest.raises(BadTweet, match="over the 1048576-byte") as err:
+        to_message(dict(TWEET, entities="x" * (1 << 20)))
+    assert err.value.code == "too_large"
+    assert len(to_message(dict(TWEET, entities="x" * 1_000_000)).data) <= 1 << 20
 
 
 def test_unicode_survives_as_utf8():
@@ -142,7 +151,18 @@ def test_loop_pass_shifts_time_and_snowflake_id_together():
     shifted = _shifted(dict(TWEET), 2, timedelta(seconds=600))
     assert shifted["created_at"] == "2026-11-20T10:20:00.000Z"
     assert int(shifted["id"]) - int(TWEET["id"]) == 2 * (600_000 << 22)
+    assert _shifted(dict(TWEET, id=5), 1, timedelta(seconds=1))["id"] == str(5 + (1000 << 22))
     assert _shifted(["not", "a", "dict"], 1, timedelta(seconds=1)) == ["not", "a", "dict"]
+
+
+def test_loop_pass_gives_a_non_numeric_id_a_suffix():
+    shifted = _shifted(dict(TWEET, id="bad-1"), 2, timedelta(seconds=600))
+    assert shifted["id"] == "bad-1~loop2" and shifted["created_at"] == "2026-11-20T10:20:00.000Z"
+    assert to_message(shifted).tweet_id == "bad-1~loop2"
+    # An id the contract refuses stays as it is, refused with the same reason every pass.
+    assert _shifted(dict(TWEET, id="1 2"), 1, timedelta(seconds=1))["id"] == "1 2"
+    with pytest.raises(BadTweet, match="over 64 characters"):
+        to_message(_shifted(dict(TWEET, id="b" * 64), 1, timedelta(seconds=1)))
 
 
 def test_progress_line_has_rate_and_eta():
@@ -171,6 +191,6 @@ def test_message_size_is_exactly_the_protobuf_size(data, tweet_id, event_ts):
 def test_message_size_is_exact_for_large_messages():
     from google.pubsub_v1 import types as gapic_types
 
-    message = to_message(dict(TWEET, text="y" * 2_500_000))
+    message = to_message(dict(TWEET, entities="y" * 1_000_000))  # a 3-byte length
     proto = gapic_types.PubsubMessage(data=message.data, attributes=message.attributes)
     assert message.size == proto._pb.ByteSize()

@@ -43,7 +43,9 @@ def test_flink_dry_run_resolves_every_flag_without_secrets(tmp_path, tiny_model_
     options = out["options"]
     assert options["runner"] == "FlinkRunner" and options["flink_master"] == "[local]"
     assert options["streaming"] is True
-    assert options["environment_type"] == "LOOPBACK"
+    # The launcher's own worker pool on 127.0.0.1 (LOOPBACK would bind every interface).
+    assert options["environment_type"] == "EXTERNAL"
+    assert options["environment_config"].startswith("127.0.0.1:")
     assert options["checkpointing_interval"] == "10000"  # on by default
     assert options["flink_job_server_jar"].endswith("job-server-2.70.0.jar")
     assert options["redis_url"] == "redis://bertstream:***@redis:6379/0"

@@ -9,7 +9,8 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from transforms.parse import MAX_TEXT_CHARS, ParseError, ParseTweets, parse_tweet
+from transforms.contract import MAX_TEXT_CHARS, BadMessage
+from transforms.parse import ParseTweets, parse_tweet
 from transforms.records import DeadLetter, Envelope, Result
 
 
@@ -29,6 +30,8 @@ def _tweet(**fields) -> bytes:
     (_tweet(id=1.5e18), "bad_id"),
     (_tweet(id=True), "bad_id"),
     (_tweet(id="12 34"), "bad_id"),
+    (_tweet(id="12\x7f"), "bad_id"),
+    (_tweet(id="x" * 65), "bad_id"),
     (_tweet(text=...), "missing_text"),
     (_tweet(text=""), "empty_text"),
     (_tweet(text=" \t\n\u3000 "), "empty_text"),
@@ -37,11 +40,16 @@ def _tweet(**fields) -> bytes:
     (_tweet(text="x" * (MAX_TEXT_CHARS + 1)), "text_too_long"),
     (b'{"id": "1", "text": "lone \\ud800 surrogate"}', "bad_text"),
     (_tweet(author_id={"x": 1}), "bad_field"),
+    # created_at is optional on Pub/Sub input, but when present it must be a time.
+    (_tweet(created_at="yesterday"), "bad_created_at"),
+    (_tweet(created_at="2026-11-20T10:00:00"), "bad_created_at"),  # no time zone
+    (_tweet(created_at=1795168800), "bad_created_at"),
+    (_tweet(created_at="9999-12-31T23:59:59-01:00"), "bad_created_at"),  # past 9999 in UTC
     (b"[" * 100_000 + b"]" * 100_000, "bad_json"),
     (b" " * (2 << 20), "too_large"),
 ])
 def test_bad_input_is_refused_with_a_reason(data, code):
-    with pytest.raises(ParseError) as err:
+    with pytest.raises(BadMessage) as err:
         parse_tweet(data, "test:1")
     assert err.value.code == code
     assert str(err.value)
@@ -65,6 +73,17 @@ def test_ids_stay_exact_strings():
     tweet = parse_tweet(f'{{"id": {big}, "text": "hi"}}'.encode(), "s")
     assert tweet.tweet_id == str(big)
     assert parse_tweet(_tweet(id="1850000000000000001"), "s").tweet_id == "1850000000000000001"
+
+
+def test_ids_need_not_be_decimal_and_file_input_needs_created_at():
+    assert parse_tweet(_tweet(id="bad-1"), "s").tweet_id == "bad-1"
+    assert parse_tweet(_tweet(created_at=...), "s").event_time == ""
+    with pytest.raises(BadMessage) as err:
+        parse_tweet(_tweet(created_at=...), "s", require_created_at=True)
+    assert err.value.code == "missing_created_at"
+    tweet = parse_tweet(_tweet(created_at="2026-11-20T11:00:00.123456+01:00"), "s")
+    assert tweet.event_time == "2026-11-20T10:00:00.123Z"
+    assert tweet.created_at == "2026-11-20T11:00:00.123456+01:00"  # kept as written
 
 
 def test_dead_letter_keeps_raw_bytes():

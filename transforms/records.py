@@ -13,14 +13,15 @@ field becomes the Python-only ``pythonsdk_any`` type that a Java runner
 """
 
 import base64
-import datetime as dt
 import json
 from collections.abc import Sequence
 from typing import NamedTuple, Optional, Union
 
 import apache_beam as beam
 
-LABELS = ("negative", "neutral", "positive")
+# The time helpers and LABELS live in the Beam-free contract module, which the
+# ingester and the dashboard share; the transforms import them from here too.
+from transforms.contract import LABELS, iso_from_seconds, now_iso, seconds_from_iso  # noqa: F401
 
 
 class Envelope(NamedTuple):
@@ -114,33 +115,6 @@ class DeadLetter(NamedTuple):
 
     def raw_bytes(self) -> bytes:
         return base64.b64decode(self.raw) if self.encoding == "base64" else self.raw.encode()
-
-
-def now_iso() -> str:
-    return iso_from_seconds(dt.datetime.now(dt.UTC).timestamp())
-
-
-def iso_from_seconds(seconds: float) -> str:
-    """RFC 3339 in UTC with milliseconds, as X's API writes created_at."""
-    stamp = dt.datetime.fromtimestamp(seconds, dt.UTC)
-    return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
-
-
-def seconds_from_iso(value: str) -> float:
-    """Parses RFC 3339 (with 'Z' or an offset). Raises ValueError when it is not."""
-    return parse_rfc3339(value).timestamp()
-
-
-def parse_rfc3339(value: str) -> dt.datetime:
-    """An aware datetime from RFC 3339 ('Z' or an offset, any fraction).
-    Raises ValueError for anything else, a missing time zone included."""
-    text = value.strip()
-    if text.endswith(("Z", "z")):
-        text = text[:-1] + "+00:00"
-    stamp = dt.datetime.fromisoformat(text)
-    if stamp.tzinfo is None:
-        raise ValueError(f"timestamp without a time zone: {value!r}")
-    return stamp
 
 
 for _record in (Envelope, Tweet, Result, DeadLetter):

@@ -24,6 +24,8 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
+# redacted: the URL without its password; pipeline/ imports it from here.
+from transforms.contract import redacted
 from transforms.records import DeadLetter, Result
 
 _LOG = logging.getLogger(__name__)
@@ -102,17 +104,6 @@ def connect(config: RedisConfig):
     if parsed.scheme == "rediss" and config.ca_file:
         kwargs["ssl_ca_certs"] = config.ca_file
     return redis.Redis.from_url(config.url, **kwargs)
-
-
-def redacted(url: str) -> str:
-    """The URL without its password, for logs and summaries."""
-    parsed = urllib.parse.urlparse(url)
-    if parsed.password is None:
-        return url
-    netloc = f"{parsed.username or ''}:***@{parsed.hostname}"
-    if parsed.port:
-        netloc += f":{parsed.port}"
-    return urllib.parse.urlunparse(parsed._replace(netloc=netloc))
 
 
 ACKS = "acks"

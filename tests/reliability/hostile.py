@@ -2,20 +2,24 @@
 
 ``hostile_input(examples)`` runs ``parse_tweet`` and the ``ParseTweets`` DoFn
 over ``examples`` generated messages each and counts where every input went.
-The contract: ``parse_tweet`` raises ``ParseError`` and nothing else, and the
+The contract: ``parse_tweet`` raises ``BadMessage`` and nothing else, and the
 DoFn emits exactly one output per input (a ``Tweet`` or a dead letter).
+``tests/test_contract.py`` reuses these strategies to hold the ingester to the
+job's answers.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
+from datetime import datetime
 
 from apache_beam.utils.timestamp import Timestamp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from transforms.parse import DEAD_LETTER, ParseError, _ParseFn, parse_tweet
+from transforms.contract import BadMessage
+from transforms.parse import DEAD_LETTER, _ParseFn, parse_tweet
 from transforms.records import DeadLetter, Envelope, Tweet
 
 FIELDS = ("id", "text", "created_at", "author_id", "lang", "referenced_tweets")
@@ -37,8 +41,25 @@ long_text = st.builds(lambda piece, n: piece * n,
                       st.integers(0, 1_000_000))
 
 
+def _rfc3339(when: datetime, offset_minutes: int | None, digits: int, zulu: str) -> str:
+    text = when.replace(microsecond=0).isoformat()
+    if digits:
+        text += "." + f"{when.microsecond:06d}000"[:digits]
+    if offset_minutes is None:
+        return text + zulu
+    hours, minutes = divmod(abs(offset_minutes), 60)
+    return text + f"{'-' if offset_minutes < 0 else '+'}{hours:02d}:{minutes:02d}"
+
+
+# RFC 3339 times as writers spell them: 'Z', 'z' or an offset, 0 to 9 fraction
+# digits, years 1 to 9999 (an offset can move those out of range in UTC).
+rfc3339 = st.builds(_rfc3339, st.datetimes(min_value=datetime(1, 1, 1)),
+                    st.one_of(st.none(), st.integers(-(23 * 60 + 59), 23 * 60 + 59)),
+                    st.integers(0, 9), st.sampled_from(["Z", "z"]))
+
+
 @st.composite
-def tweet_like(draw) -> bytes:
+def tweet_object(draw) -> dict:
     """A tweet object with any field missing or of any type."""
     obj = {}
     for name in FIELDS:
@@ -53,8 +74,17 @@ def tweet_like(draw) -> bytes:
         elif name == "text":
             obj[name] = draw(st.one_of(st.text(max_size=300), st.sampled_from(ODD_TEXT),
                                        long_text))
+        elif name == "created_at":
+            obj[name] = draw(st.one_of(rfc3339, st.text(max_size=40)))
         else:
             obj[name] = draw(st.text(max_size=40))
+    return obj
+
+
+@st.composite
+def tweet_like(draw) -> bytes:
+    """A tweet object with any field missing or of any type, as JSON."""
+    obj = draw(tweet_object())
     # ensure_ascii writes lone surrogates as \\udXXX escapes, as hostile JSON would.
     return json.dumps(obj, ensure_ascii=draw(st.booleans())).encode("utf-8", "surrogatepass")
 
@@ -85,11 +115,11 @@ def hostile_input(examples: int) -> dict:
 
     @common
     @given(hostile)
-    def parses_or_raises_parse_error(data: bytes) -> None:
+    def parses_or_raises_bad_message(data: bytes) -> None:
         counts["sent"] += 1
         try:
             tweet = parse_tweet(data, "hostile:1")
-        except ParseError:
+        except BadMessage:
             counts["dead_letters"] += 1
             return
         assert isinstance(tweet, Tweet) and isinstance(tweet.tweet_id, str)
@@ -114,7 +144,7 @@ def hostile_input(examples: int) -> dict:
             assert isinstance(value, Tweet)
             counts["results"] += 1
 
-    parses_or_raises_parse_error()
+    parses_or_raises_bad_message()
     one_output_per_input()
     return {"sent": counts["sent"], "results": counts["results"], "duplicates_skipped": 0,
             "dead_letters": counts["dead_letters"], "redelivered": 0,
