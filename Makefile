@@ -116,7 +116,8 @@ reliability: venv redis emulator model jars
 
 bench: venv redis emulator model jars
 	$(PY) benchmarks/model_throughput.py --model $(MODEL_DIR)
-	$(PY) benchmarks/throughput.py --model_dir $(MODEL_DIR) --inference tfserving
+	$(PY) benchmarks/throughput.py --model_dir $(MODEL_DIR)
+	$(PY) benchmarks/runners.py --model_dir $(MODEL_DIR)
 	$(PY) benchmarks/latency.py --model_dir $(MODEL_DIR) --seconds 60
 	$(PY) benchmarks/ingest_throughput.py
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import random
-import time
 from pathlib import Path
 
 import numpy as np
@@ -137,28 +136,3 @@ def computed_flops_per_sequence(length: int, arch: dict) -> float:
     full_last = length * (8 * h * h + 4 * h * i) + 4 * length * length * h
     cls_last = length * 4 * h * h + (4 * h * h + 4 * h * i) + 4 * length * h
     return flops_per_sequence(length, arch) - full_last + cls_last
-
-
-def gemm_gflops(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
-    """Best of several square matmuls (fp32 unless ``dtype`` says), in GFLOP/s."""
-    import tensorflow as tf
-
-    a = tf.cast(tf.random.normal((n, n)), dtype)
-    b = tf.cast(tf.random.normal((n, n)), dtype)
-    tf.linalg.matmul(a, b).numpy()  # warm-up
-    best = 0.0
-    for _ in range(repeats):
-        start = time.perf_counter()
-        tf.linalg.matmul(a, b).numpy()
-        best = max(best, 2 * n ** 3 / (time.perf_counter() - start) / 1e9)
-    return best
-
-
-def stream_rate(client, stream: str) -> tuple[int, float]:
-    """(entries, seconds from the first entry to the last), from XADD's ms ids."""
-    first = client.xrange(stream, count=1)
-    last = client.xrevrange(stream, count=1)
-    if not first:
-        return 0, 0.0
-    ms = [int(entries[0][0].decode().split("-")[0]) for entries in (first, last)]
-    return client.xlen(stream), (ms[1] - ms[0]) / 1000.0

@@ -136,7 +136,7 @@ def fetch(flink_version: str = DEFAULT_FLINK_VERSION, force: bool = False) -> Pa
     (target / "READY").unlink(missing_ok=True)
     lib = target / "lib"
     shutil.rmtree(lib, ignore_errors=True)
-    _LOG.info("resolving Beam Java %s for Flink %s with Maven (about 300 MB, once)",
+    _LOG.info("resolving Beam Java %s for Flink %s with Maven (about 215 MB, once)",
               BEAM_JAVA_VERSION, flink_version)
     subprocess.run(["mvn", "-B", "-q", "-f", str(POM), "dependency:copy-dependencies",
                     f"-Dflink.version={flink_version}", f"-DoutputDirectory={lib}",

@@ -410,7 +410,9 @@ def test_hostile_text_is_shown_literally_and_never_runs(redis_url, dashboard, br
     write_dead_letters(redis_url, [DeadLetter.of("parse", HOSTILE, HOSTILE.encode(), "f:9")])
     open_page(browser, dashboard.url)
     row = '#results tbody tr[data-tweet-id="666"]'
-    WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, row))
+    # Results and dead letters are separate streams: wait for both rows.
+    WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, row) and
+                                     d.find_elements(By.CSS_SELECTOR, "#dead tbody tr"))
     cell = browser.find_element(By.CSS_SELECTOR, row + " td.text")
     assert cell.get_attribute("textContent") == HOSTILE
     assert "<script>" in cell.text and "</b>" in cell.text  # shown as characters

@@ -136,8 +136,8 @@ def test_dataflow_wants_a_gcs_temp_location():
 @pytest.mark.timeout(240)
 def test_portable_runner_local_job_service_with_a_file(redis_url, tiny_model_dir):
     """The portable path (Runner API -> job service -> SDK harness) through Beam's
-    Python local job service. A file, not Pub/Sub: the native Pub/Sub read
-    finishes DONE having read nothing there."""
+    Python local job service, with a file (streaming from Pub/Sub on portable
+    runners is covered by tests/test_prism.py and tests/test_launcher_flink.py)."""
     import redis
 
     from pipeline.options import SAMPLE_TWEETS
