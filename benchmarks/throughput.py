@@ -164,7 +164,8 @@ def streaming_run(mode: str, density: float, tweets: list[dict], model_dir: str,
     if mode == "backlog":
         _publish(publisher, topic, tweets)
     started = time.time()
-    with streaming_job(argv, runner):
+    batches: dict = {}
+    with streaming_job(argv, runner) as result:
         if mode == "live":
             # A warm job: one tweet through first (the model loads, the
             # stages start), then the burst.
@@ -174,11 +175,16 @@ def streaming_run(mode: str, density: float, tweets: list[dict], model_dir: str,
             started = time.time()
             _publish(publisher, topic, tweets)
         finished = _wait(client, n, timeout)
+        try:  # live metrics: the DirectRunner has them; a job service may not
+            batches = _batch_stats(result)
+        except Exception as err:  # noqa: BLE001 - a figure, not the benchmark
+            _LOG.info("no live batch metrics from %s: %s", runner, err)
     count, first, last = _result_times(client)
     out = {"mode": mode, "density": density, "results": count, "complete": finished,
            "first_result_s": round(first - started, 2),
            "seconds": round(last - started, 2),
-           "tps": round(count / (last - started), 1) if last > started else None}
+           "tps": round(count / (last - started), 1) if last > started else None,
+           **batches}
     _LOG.info("%s at %s tweets/s of event time: %s", mode, density, out)
     return out
 

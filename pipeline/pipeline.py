@@ -1,4 +1,4 @@
-"""The graph, top to bottom: read -> parse -> dedupe -> window -> infer -> Redis -> ack.
+"""The graph, top to bottom: read -> parse -> dedupe -> infer -> window -> Redis -> ack.
 
 ``run(argv)`` is what ``python -m pipeline`` calls; tests pass a
 ``TestPipeline`` to build the very same graph. What differs per runner is
@@ -135,11 +135,15 @@ def build(p: beam.Pipeline, o: BertstreamOptions, handler=None) -> Outputs:
     raw = p | "ReadTweets" >> ReadTweets(o, profile, subscription)
     parsed = raw | "ParseTweets" >> ParseTweets(timestamp_from_created_at=not o.is_pubsub)
     deduped = parsed.tweets | "DedupeByTweetId" >> DedupeByTweetId(
-        o.dedupe_ttl_seconds, profile.dedupe_shards)
-    tweets = deduped.tweets | "WindowByEventTime" >> WindowByEventTime(
-        o.window_seconds, o.allowed_lateness_seconds, profile.late_shards)
-    results, inference_dead = tweets | "RunSentiment" >> RunSentiment(
+        o.dedupe_ttl_seconds, profile.dedupe_shards,
+        o.redis_config() if profile.dedupe_in_redis else None,
+        claim_seconds=o.pubsub_lease_seconds // 2)
+    scored, inference_dead = deduped.tweets | "RunSentiment" >> RunSentiment(
         handler or model_handler(o), o.max_batch_size, TokenCounter.for_model(o.model_dir))
+    # Windows after inference: batches form in processing time, whatever the
+    # event-time density; each result lands in the window of its event time.
+    results = scored | "WindowByEventTime" >> WindowByEventTime(
+        o.window_seconds, o.allowed_lateness_seconds, profile.late_shards)
     written = results | "WriteToRedis" >> WriteToRedis(o.redis_config())
     # Dead letters come from differently windowed stages; the sink ignores windows.
     dead = ([pc | f"{name}Global" >> beam.WindowInto(window.GlobalWindows())

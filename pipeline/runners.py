@@ -17,6 +17,7 @@ layout of the stateful steps) and, on Beam's legacy DirectRunner, to install
 | other portable runners | ``PullFromPubSub`` | by the graph |
 """
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -67,6 +68,9 @@ class RunnerProfile:
     # sets of ids (the legacy DirectRunner walks every key it has seen on
     # each timer tick: transforms/dedupe.py).
     dedupe_shards: int = 0
+    # DedupeByTweetId in Redis instead of Beam state: on portable runners a
+    # keyed-state access is a blocking Fn API round trip (transforms/dedupe.py).
+    dedupe_in_redis: bool = False
     # Beam's native read: the attribute Dataflow dedupes messages by.
     id_label: str | None = None
 
@@ -122,9 +126,10 @@ def profile_for(options: PipelineOptions, is_pubsub: bool, parallelism: int = 1,
     if "dataflow" in lowered:
         profile = RunnerProfile(runner, NATIVE, late_shards=16, id_label="tweet_id")
     elif "flink" in lowered:
-        profile = RunnerProfile("FlinkRunner", PULL, late_shards=max(1, 2 * parallelism))
+        profile = RunnerProfile("FlinkRunner", PULL, late_shards=max(1, 2 * parallelism),
+                                dedupe_in_redis=True)
     elif "prism" in lowered:
-        profile = RunnerProfile("PrismRunner", PULL)
+        profile = RunnerProfile("PrismRunner", PULL, dedupe_in_redis=True)
     elif "direct" in lowered and is_pubsub and direct_optimizations == "on":
         profile = RunnerProfile("DirectRunner", DIRECT, dedupe_shards=16)
     elif "direct" in lowered:
@@ -132,6 +137,5 @@ def profile_for(options: PipelineOptions, is_pubsub: bool, parallelism: int = 1,
     else:
         profile = RunnerProfile(runner, PULL)
     if pubsub_read != "auto":
-        profile = RunnerProfile(profile.name, pubsub_read, profile.late_shards,
-                                profile.dedupe_shards, profile.id_label)
+        profile = dataclasses.replace(profile, pubsub_read=pubsub_read)
     return profile

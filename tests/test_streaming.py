@@ -42,15 +42,17 @@ def _streaming_pipeline() -> TestPipeline:
     return TestPipeline(options=options)
 
 
-def _job(p, stream, model_dir, redis_url=None, max_batch_size=64, dedupe_shards=0):
-    """ParseTweets -> DedupeByTweetId -> WindowByEventTime -> RunSentiment (->
-    WriteToRedis): the job's graph after its source."""
+def _job(p, stream, model_dir, redis_url=None, max_batch_size=64, dedupe="per-id"):
+    """ParseTweets -> DedupeByTweetId -> RunSentiment -> WindowByEventTime (->
+    WriteToRedis): the job's graph after its source (pipeline.build).
+    ``dedupe``: "per-id", "sharded" or "redis" (the layouts, transforms/dedupe.py)."""
     parsed = p | stream | ParseTweets()
-    tweets = (parsed.tweets
-              | DedupeByTweetId(ttl_seconds=600, shards=dedupe_shards)).tweets | WindowByEventTime(
-                  WINDOW, 3600)
-    results, dead = tweets | RunSentiment(local_handler(str(model_dir)), max_batch_size,
-                                          TokenCounter.for_model(str(model_dir)))
+    layout = {"per-id": {}, "sharded": {"shards": 16},
+              "redis": {"redis_config": RedisConfig(url=redis_url or "")}}[dedupe]
+    tweets = (parsed.tweets | DedupeByTweetId(ttl_seconds=600, **layout)).tweets
+    scored, dead = tweets | RunSentiment(local_handler(str(model_dir)), max_batch_size,
+                                         TokenCounter.for_model(str(model_dir)))
+    results = scored | WindowByEventTime(WINDOW, 3600)
     if redis_url:
         results | WriteToRedis(RedisConfig(url=redis_url))
     return results, dead
@@ -188,17 +190,20 @@ def test_many_windows_results_counts_and_late_counts_in_redis(tiny_model_dir, re
     del result
 
 
-@pytest.mark.parametrize("shards", [0, 16], ids=["per-id", "sharded"])
-def test_dedupe_across_windows(tiny_model_dir, shards):
+@pytest.mark.parametrize("dedupe", ["per-id", "sharded", "redis"])
+def test_dedupe_across_windows(tiny_model_dir, dedupe, redis_url):
     stream = (TestStream()
               .advance_watermark_to(T0)
               .add_elements([message("7", T0 + 0.5)])
               .advance_watermark_to(T0 + 6)
-              # The same id again, three windows later (a redelivery).
-              .add_elements([message("7", T0 + 6.5), message("8", T0 + 6.5)])
+              # The same id again, three windows later (a redelivery), and a
+              # copy of a new id in the same bundle.
+              .add_elements([message("7", T0 + 6.5), message("8", T0 + 6.5),
+                             message("8", T0 + 6.6)])
               .advance_watermark_to_infinity())
     with _streaming_pipeline() as p:
-        results, _ = _job(p, stream, tiny_model_dir, dedupe_shards=shards)
+        results, _ = _job(p, stream, tiny_model_dir,
+                          redis_url if dedupe == "redis" else None, dedupe=dedupe)
         _collect(results, "ids", lambda r: r.tweet_id)
     assert sorted(_Collect.seen["ids"]) == ["7", "8"]
 

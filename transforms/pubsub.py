@@ -95,11 +95,12 @@ class _Endless(RestrictionProvider):
 
 class _PullFn(beam.DoFn):
     def __init__(self, max_messages: int, poll_seconds: float, lease_seconds: int,
-                 idle_slack_seconds: float):
+                 idle_slack_seconds: float, drain_seconds: float = 0.5):
         self._max_messages = max_messages
         self._poll_seconds = poll_seconds
         self._lease_seconds = lease_seconds
         self._idle_slack = idle_slack_seconds
+        self._drain_seconds = drain_seconds
         self._client = None
         self._pulled = Metrics.counter("ReadTweets", "pulled")
         self._pulls = Metrics.counter("ReadTweets", "pulls")
@@ -121,43 +122,60 @@ class _PullFn(beam.DoFn):
         position = tracker.current_restriction().start
         if not tracker.try_claim(position):
             return
-        from google.api_core import exceptions
-
-        try:
-            # Waits up to poll_seconds for a first message, returns at once
-            # when some are waiting (a long poll, not a spin).
-            response = self._client.pull(subscription=subscription,
-                                         max_messages=self._max_messages,
-                                         timeout=self._poll_seconds)
-            received = list(response.received_messages)
-        except (exceptions.DeadlineExceeded, exceptions.ServiceUnavailable) as err:
-            _LOG.debug("pull %s: %s", subscription, err)
-            received = []
-        self._pulls.inc()
-        now = time.time()
-        if received:
+        # One call drains what is waiting, up to max_messages or drain_seconds:
+        # a pull returns at most a few hundred messages (the emulator: 100),
+        # and a portable runner resumes the deferred remainder only in its
+        # next bundle (Flink: a timer, then up to its bundle time), so one
+        # pull per call capped a backlog at a few hundred tweets/s there.
+        started = time.monotonic()
+        total = 0
+        oldest = time.time() - self._idle_slack
+        while total < self._max_messages:
+            # The first pull waits up to poll_seconds for a first message (a
+            # long poll, not a spin); the next ones only for what is waiting.
+            remaining = self._drain_seconds - (time.monotonic() - started)
+            if total and remaining <= 0:
+                break
+            received = self._pull(subscription, self._max_messages - total,
+                                  min(self._poll_seconds, remaining) if total
+                                  else self._poll_seconds)
+            if not received:
+                break
+            total += len(received)
+            now = time.time()
             self._extend(subscription, [r.ack_id for r in received])
-        oldest = now - self._idle_slack
-        for item in received:
-            message = item.message
-            published = message.publish_time.timestamp() if message.publish_time else now
-            try:
-                seconds = event_seconds(message.attributes, published)
-            except ValueError:
-                # ParseTweets dead-letters the message; keep its publish time.
-                seconds = published
-            oldest = min(oldest, seconds)
-            yield beam.window.TimestampedValue(
-                envelope(message.message_id, message.data, message.attributes, item.ack_id,
-                         published), seconds)
-        self._pulled.inc(len(received))
-        candidate = Timestamp.of(min(oldest, now))
+            for item in received:
+                message = item.message
+                published = message.publish_time.timestamp() if message.publish_time else now
+                try:
+                    seconds = event_seconds(message.attributes, published)
+                except ValueError:
+                    # ParseTweets dead-letters the message; keep its publish time.
+                    seconds = published
+                oldest = min(oldest, seconds)
+                yield beam.window.TimestampedValue(
+                    envelope(message.message_id, message.data, message.attributes,
+                             item.ack_id, published), seconds)
+        self._pulled.inc(total)
+        candidate = Timestamp.of(min(oldest, time.time()))
         current = watermark.current_watermark()
         if current is None or candidate > current:
             watermark.set_watermark(candidate)
         # Pub/Sub waits for a first message up to the deadline; the emulator
         # answers an empty pull at once, so an idle source pauses here.
-        tracker.defer_remainder(Duration.of(0 if received else IDLE_PAUSE_SECONDS))
+        tracker.defer_remainder(Duration.of(0 if total else IDLE_PAUSE_SECONDS))
+
+    def _pull(self, subscription: str, max_messages: int, timeout: float) -> list:
+        from google.api_core import exceptions
+
+        self._pulls.inc()
+        try:
+            response = self._client.pull(subscription=subscription,
+                                         max_messages=max_messages, timeout=timeout)
+        except (exceptions.DeadlineExceeded, exceptions.ServiceUnavailable) as err:
+            _LOG.debug("pull %s: %s", subscription, err)
+            return []
+        return list(response.received_messages)
 
     def _extend(self, subscription: str, ack_ids: list[str]) -> None:
         """Holds the messages for ``lease_seconds`` (the subscription's own
@@ -185,16 +203,18 @@ class PullFromPubSub(beam.PTransform):
       poll_seconds: how long an empty pull waits for a first message.
       lease_seconds: the ack deadline each pulled message gets.
       idle_slack_seconds: how far behind now the watermark stays while idle.
+      drain_seconds: how long one call keeps pulling while messages wait.
     """
 
     def __init__(self, subscription: str, max_messages: int = 1000,
                  poll_seconds: float = 1.0, lease_seconds: int = DEFAULT_LEASE_SECONDS,
-                 idle_slack_seconds: float = 1.0):
+                 idle_slack_seconds: float = 1.0, drain_seconds: float = 0.5):
         super().__init__()
         if not 10 <= lease_seconds <= MAX_LEASE_SECONDS:
             raise ValueError(f"lease_seconds must be 10..{MAX_LEASE_SECONDS}")
         self._subscription = subscription
-        self._fn = _PullFn(max_messages, poll_seconds, lease_seconds, idle_slack_seconds)
+        self._fn = _PullFn(max_messages, poll_seconds, lease_seconds, idle_slack_seconds,
+                           drain_seconds)
 
     def expand(self, begin):
         return (begin

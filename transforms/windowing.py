@@ -1,8 +1,10 @@
 """``WindowByEventTime``: fixed event-time windows that keep late tweets.
 
-Each tweet gets its window's bounds written into the record
-(``window_start``, ``window_end``), so later steps may batch across windows
-and the sink still counts it in its own window. The trigger fires when the
+Each record (a ``Result`` in the job, or a ``Tweet``) is placed at its
+``event_time`` and gets its window's bounds written into it
+(``window_start``, ``window_end``), so the sink counts it in its own window.
+The job windows *after* inference: batches form in processing time, across
+windows, and each element still lands in the window of its own event time. The trigger fires when the
 watermark passes the end of the window and then once per late element, for
 ``allowed_lateness_seconds``; late tweets are emitted (never dropped
 silently), flagged ``late=True`` and counted in
@@ -30,7 +32,7 @@ from apache_beam.transforms import trigger, window
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
 
-from transforms.records import Tweet, iso_from_seconds
+from transforms.records import iso_from_seconds, seconds_from_iso
 
 DEFAULT_ALLOWED_LATENESS_SECONDS = 24 * 3600
 
@@ -82,8 +84,15 @@ class _StampWindowFn(beam.DoFn):
                              window_end=iso_from_seconds(float(w.end)))
 
 
+def _at_event_time(record):
+    # Earlier steps may re-stamp elements (batching does); the record keeps
+    # the event time.
+    return beam.window.TimestampedValue(record, seconds_from_iso(record.event_time))
+
+
 class WindowByEventTime(beam.PTransform):
-    """Assigns ``Tweet``s to fixed event-time windows of ``window_seconds``.
+    """Assigns records with an ``event_time`` (``Result``s, ``Tweet``s) to
+    fixed event-time windows of ``window_seconds``.
 
     Args:
       window_seconds: the window length.
@@ -100,17 +109,20 @@ class WindowByEventTime(beam.PTransform):
         self._allowed_lateness = allowed_lateness_seconds
         self._shards = shards
 
-    def expand(self, tweets):
+    def expand(self, records):
         shards = self._shards
-        windowed = tweets | "FixedWindows" >> beam.WindowInto(
+        kind = records.element_type
+        windowed = (records
+                    | "AtEventTime" >> beam.Map(_at_event_time).with_output_types(kind)
+                    | "FixedWindows" >> beam.WindowInto(
             window.FixedWindows(self._window_seconds),
             trigger=trigger.AfterWatermark(late=trigger.AfterCount(1)),
             accumulation_mode=trigger.AccumulationMode.DISCARDING,
-            allowed_lateness=self._allowed_lateness)
-        if tweets.is_bounded:
-            return windowed | "MarkLate" >> beam.ParDo(_StampWindowFn()).with_output_types(Tweet)
+            allowed_lateness=self._allowed_lateness))
+        if records.is_bounded:
+            return windowed | "MarkLate" >> beam.ParDo(_StampWindowFn()).with_output_types(kind)
         return (windowed
                 | "KeyByShard" >> beam.Map(
                     lambda t: (zlib.crc32(t.tweet_id.encode()) % shards, t)
-                ).with_output_types(tuple[int, Tweet])
-                | "MarkLate" >> beam.ParDo(_MarkLateFn()).with_output_types(Tweet))
+                ).with_output_types(tuple[int, kind])
+                | "MarkLate" >> beam.ParDo(_MarkLateFn()).with_output_types(kind))
