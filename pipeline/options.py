@@ -85,8 +85,10 @@ class BertstreamOptions(PipelineOptions):
                          help="most tweets in one model call (batches are cut from what is "
                               "waiting, sorted by token length)")
         win.add_argument("--dedupe_ttl_seconds", type=float, default=600,
-                         help="how long (in event time) the pipeline remembers a tweet id "
-                              "(Redis remembers it for --redis_dedupe_ttl_seconds)")
+                         help="how long (in event time) the pipeline remembers a tweet id in "
+                              "Beam state (DirectRunner, Dataflow; on Flink and Prism the ids "
+                              "are claimed in Redis); Redis remembers written ids for "
+                              "--redis_dedupe_ttl_seconds")
 
         inf = parser.add_argument_group("inference")
         inf.add_argument("--inference", choices=("local", "tfserving"), default="local",

@@ -6,15 +6,15 @@ choices the graph depends on (how Pub/Sub is read and acknowledged, the
 layout of the stateful steps) and, on Beam's legacy DirectRunner, to install
 ``pipeline/direct_runner.py``. ``transforms/`` knows nothing about runners.
 
-| runner | Pub/Sub read | acknowledged |
-|---|---|---|
-| DirectRunner, file | - (Beam runs it as a batch job on its FnApiRunner) | - |
-| DirectRunner, Pub/Sub | Beam's ``ReadFromPubSub``, pulls adjusted by ``pipeline/direct_runner.py`` | by the graph, once written |
-| DirectRunner, ``--direct_optimizations=off`` | Beam's ``ReadFromPubSub`` as it ships | by Beam, on pull |
-| PrismRunner | ``PullFromPubSub`` (a Python SDF) | by the graph |
-| FlinkRunner | ``PullFromPubSub``; ``--pubsub_read=xlang``: Java ``PubsubIO`` | by the graph; xlang: by Flink at checkpoints |
-| DataflowRunner | Beam's ``ReadFromPubSub``, ``id_label=tweet_id`` | by Dataflow |
-| other portable runners | ``PullFromPubSub`` | by the graph |
+| runner | Pub/Sub read | acknowledged | dedupe |
+|---|---|---|---|
+| DirectRunner, file | - (Beam runs it as a batch job on its FnApiRunner) | - | GroupByKey |
+| DirectRunner, Pub/Sub | Beam's ``ReadFromPubSub``, pulls adjusted by ``pipeline/direct_runner.py`` | by the graph, once written | 16 keys of id sets |
+| DirectRunner, ``--direct_optimizations=off`` | Beam's ``ReadFromPubSub`` as it ships | by Beam, on pull | a key per id |
+| PrismRunner | ``PullFromPubSub`` (a Python SDF) | by the graph | claims in Redis |
+| FlinkRunner | ``PullFromPubSub``; ``--pubsub_read=xlang``: Java ``PubsubIO`` | by the graph; xlang: by Flink at checkpoints | claims in Redis |
+| DataflowRunner | Beam's ``ReadFromPubSub``, ``id_label=tweet_id`` | by Dataflow | a key per id |
+| other portable runners | ``PullFromPubSub`` | by the graph | claims in Redis |
 """
 
 import dataclasses
@@ -135,7 +135,7 @@ def profile_for(options: PipelineOptions, is_pubsub: bool, parallelism: int = 1,
     elif "direct" in lowered:
         profile = RunnerProfile("DirectRunner", NATIVE)
     else:
-        profile = RunnerProfile(runner, PULL)
+        profile = RunnerProfile(runner, PULL, dedupe_in_redis=True)
     if pubsub_read != "auto":
         profile = dataclasses.replace(profile, pubsub_read=pubsub_read)
     return profile

@@ -1,9 +1,9 @@
 """Sentiment inference: batches of similar length into Beam's ``RunInference``.
 
-``RunSentiment`` moves tweets into the global window (each keeps its event
-time, window and lateness in its record), so that inference batches form in
-processing time, across event-time windows: a sparse or historic stream
-fills them as well as a dense one. ``BatchByLength`` is Beam's
+``RunSentiment`` works in the global window (each tweet keeps its event time
+in its record; the job windows the results afterwards, ``WindowByEventTime``),
+so that inference batches form in processing time, across event-time
+windows: a sparse or historic stream fills them as well as a dense one. ``BatchByLength`` is Beam's
 ``SortAndBatchElements``: each bundle's tweets sorted by their WordPiece
 length and cut into batches of at most ``max_batch_size``, so a batch pads
 little and holds what is waiting (one batch when a few tweets wait, many
