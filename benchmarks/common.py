@@ -4,12 +4,29 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.options import SAMPLE_TWEETS
+
+
+def log_progress() -> None:
+    """Progress on stderr (stdout's last line is the JSON); the libraries' chatter off."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("apache_beam", "absl", "tensorflow"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def model_dir_of(path: str) -> str:
+    """The version directory ``--model_dir`` names (a base directory: its newest version)."""
+    from model.serving import resolve
+
+    return str(resolve(path))
 
 
 def sample_texts() -> list[str]:

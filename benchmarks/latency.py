@@ -195,14 +195,9 @@ def main(argv=None) -> int:
     p.add_argument("--job_flag", action="append", default=[],
                    help="extra flag for the job, e.g. --job_flag=--direct_optimizations=off")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(name)s: %(message)s")
-    for noisy in ("apache_beam", "absl", "tensorflow"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    common.log_progress()
 
-    from model.serving import resolve
-
-    model_dir = str(resolve(args.model_dir))
+    model_dir = common.model_dir_of(args.model_dir)
     rate, capacity = args.rate, args.capacity
     if rate is None and capacity is None:
         from benchmarks.throughput import streaming_run

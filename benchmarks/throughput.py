@@ -218,15 +218,11 @@ def main(argv=None) -> int:
                    help="an extra flag for the job, e.g. --job_flag=--direct_optimizations=off")
     p.add_argument("--timeout_s", type=float, default=900)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(name)s: %(message)s")
-    for noisy in ("apache_beam", "absl", "tensorflow"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    common.log_progress()
 
-    from model.serving import resolve
     from pipeline.local_servers import LocalPubSubEmulator, LocalRedis
 
-    model_dir = str(resolve(args.model_dir))
+    model_dir = common.model_dir_of(args.model_dir)
     texts = common.varied_texts()
     sample = texts[:args.n]
     report: dict = {"runner": args.runner, "n": args.n, "model_dir": model_dir,
