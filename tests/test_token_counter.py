@@ -144,7 +144,9 @@ def test_loading_the_model_freezes_the_heap_it_leaves(tiny_model_dir, monkeypatc
     frozen = gc.get_freeze_count()
     assert frozen > 10_000
     local_handler(str(tiny_model_dir)).load_model()  # cached: no second collection
-    assert gc.get_freeze_count() == frozen
+    # A second freeze would add what the second call created; frozen objects
+    # that die meanwhile (reference counting still frees them) take away.
+    assert gc.get_freeze_count() <= frozen
 
 
 def test_a_changed_tfx_bsl_private_api_is_refused_at_start():
