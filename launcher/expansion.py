@@ -26,7 +26,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from pipeline.local_servers import _LocalServer, _wait_for_port, die_with_parent, free_port
+from pipeline.local_servers import _LoggedServer, die_with_parent, free_port
 from pipeline.pipeline import ReadTweets
 
 _LOG = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ _LOG = logging.getLogger(__name__)
 GCP_EXPANSION_TARGET = ReadTweets.GCP_EXPANSION_TARGET
 
 
-class _JavaServer(_LocalServer):
+class _JavaServer(_LoggedServer):
     """A ``java -jar`` server in its own process group, logging to a file."""
 
     def __init__(self, jar, port=None):
@@ -43,9 +43,7 @@ class _JavaServer(_LocalServer):
         self.port = port or free_port()
         self.log_path = Path(tempfile.mkdtemp(prefix=f"bertstream-{self.name}-")) / "server.log"
 
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+    ready_timeout = 120.0
 
     def args(self) -> list[str]:
         raise NotImplementedError
@@ -59,19 +57,6 @@ class _JavaServer(_LocalServer):
                                          start_new_session=True,
                                          preexec_fn=die_with_parent)
         return self
-
-    def wait_ready(self, timeout: float = 120.0):
-        try:
-            _wait_for_port(self.port, self.proc, timeout, self.name)
-        except (RuntimeError, TimeoutError) as err:
-            self.stop()
-            raise RuntimeError(f"{err}; its log: {self.log_path}") from err
-        _LOG.info("started %s pid %d on %s (log %s)", self.name, self.proc.pid, self.address,
-                  self.log_path)
-        return self
-
-    def start(self, timeout: float = 120.0):
-        return self.launch().wait_ready(timeout)
 
 
 class LocalExpansionService(_JavaServer):

@@ -100,6 +100,35 @@ class _LocalServer:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
+class _LoggedServer(_LocalServer):
+    """A server started in two steps (``launch``, then ``wait_ready`` for its
+    port), logging to ``log_path``: the Flink job server, the expansion
+    service, the SDK worker pool."""
+
+    log_path: Path
+    ready_timeout = 60.0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def launch(self):
+        raise NotImplementedError
+
+    def wait_ready(self, timeout: float | None = None):
+        try:
+            _wait_for_port(self.port, self.proc, timeout or self.ready_timeout, self.name)
+        except (RuntimeError, TimeoutError) as err:
+            self.stop()
+            raise RuntimeError(f"{err}; its log: {self.log_path}") from err
+        _LOG.info("started %s pid %d on %s (log %s)", self.name, self.proc.pid, self.address,
+                  self.log_path)
+        return self
+
+    def start(self, timeout: float | None = None):
+        return self.launch().wait_ready(timeout)
+
+
 class LocalRedis(_LocalServer):
     """A redis-server on 127.0.0.1 with AOF on, in its own directory.
 

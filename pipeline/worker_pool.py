@@ -21,7 +21,7 @@ import tempfile
 from concurrent import futures
 from pathlib import Path
 
-from pipeline.local_servers import _LocalServer, _wait_for_port, die_with_parent, free_port
+from pipeline.local_servers import _LoggedServer, die_with_parent, free_port
 
 _LOG = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def serve(host: str, port: int) -> None:
     server.wait_for_termination()
 
 
-class LocalWorkerPool(_LocalServer):
+class LocalWorkerPool(_LoggedServer):
     """``python -m pipeline.worker_pool`` on 127.0.0.1, in its own process
     group, logging to a file."""
 
@@ -49,10 +49,6 @@ class LocalWorkerPool(_LocalServer):
     def __init__(self, port: int | None = None):
         self.port = port or free_port()
         self.log_path = Path(tempfile.mkdtemp(prefix="bertstream-workers-")) / "workers.log"
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
 
     def flags(self) -> list[str]:
         return ["--environment_type=EXTERNAL", f"--environment_config={self.address}"]
@@ -65,19 +61,6 @@ class LocalWorkerPool(_LocalServer):
                 preexec_fn=die_with_parent,
                 cwd=Path(__file__).resolve().parent.parent, env=dict(os.environ))
         return self
-
-    def wait_ready(self, timeout: float = 60.0) -> "LocalWorkerPool":
-        try:
-            _wait_for_port(self.port, self.proc, timeout, self.name)
-        except (RuntimeError, TimeoutError) as err:
-            self.stop()
-            raise RuntimeError(f"{err}; its log: {self.log_path}") from err
-        _LOG.info("started %s pid %d on %s (log %s)", self.name, self.proc.pid, self.address,
-                  self.log_path)
-        return self
-
-    def start(self, timeout: float = 60.0) -> "LocalWorkerPool":
-        return self.launch().wait_ready(timeout)
 
 
 def main(argv: list[str] | None = None) -> int:
