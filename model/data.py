@@ -34,10 +34,12 @@ from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
-# The order of the model's outputs, shared with the job and the dashboard.
-from transforms.contract import LABELS
-
 _LOG = logging.getLogger(__name__)
+
+
+# The order of the model's outputs; the job and the dashboard read it through
+# transforms.contract.
+LABELS = ("negative", "neutral", "positive")
 
 
 class Package(NamedTuple):

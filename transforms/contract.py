@@ -29,7 +29,7 @@ import re
 from typing import Any, NamedTuple
 
 # The model's classes, in the order of its probabilities.
-LABELS = ("negative", "neutral", "positive")
+from model.data import LABELS  # noqa: E402,F401 - the model's output order, defined with its data
 
 # Limits. X posts are at most 25,000 characters (long posts); a message over
 # 1 MiB is not a tweet and is refused before any JSON parsing, which also
