@@ -22,6 +22,9 @@ and one JSON object as the last line of stdout:
   (live) to the last result in Redis; ``ratio`` = ``tps`` / ``model_only_tps``.
   On Flink the backlog figure includes the embedded cluster's start;
   ``drain_tps`` counts from the first result to the last, without it.
+- ``mean_batch`` and ``tweets_batched`` (what RunSentiment's batch-size
+  metric counted), where the runner reports metrics while the job runs
+  (the DirectRunner does; Flink's job service does not);
 - ``min_ratio``: the smallest ``ratio`` of the runs.
 
 The emulator and a redis-server are started on 127.0.0.1 and stopped at the
@@ -90,10 +93,8 @@ def file_run(tweets, model_dir: str, redis_url: str, runner: str) -> dict:
         result, seconds = run([f"--runner={runner}", "--input_file", str(path),
                                "--redis_url", redis_url, "--model_dir", model_dir])
     count = redis.Redis.from_url(redis_url).xlen("sentiment:results")
-    stats = _batch_stats(result)
-    stats.pop("tweets_batched")
     return {"results": count, "seconds": round(seconds, 2), "tps": round(count / seconds, 1),
-            **stats}
+            **_batch_stats(result)}
 
 
 @contextlib.contextmanager
@@ -191,7 +192,6 @@ def streaming_run(mode: str, density: float, tweets: list[dict], model_dir: str,
                 batches = {}
         except Exception as err:  # noqa: BLE001 - a figure, not the benchmark
             _LOG.info("no live batch metrics from %s: %s", runner, err)
-        batches.pop("tweets_batched", None)
     count, first, last = _result_times(client)
     out = {"mode": mode, "density": density, "results": count, "complete": finished,
            "first_result_s": round(first - started, 2),

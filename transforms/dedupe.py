@@ -50,7 +50,6 @@ Three layouts of the streaming idea:
   passes (the sink, which must reach Redis anyway, still writes each once).
 """
 
-import logging
 import time
 import zlib
 
@@ -67,9 +66,7 @@ from apache_beam.transforms.userstate import (
 from apache_beam.utils.timestamp import Duration, Timestamp
 
 from transforms.records import Tweet, seconds_from_iso
-from transforms.redis_sink import RedisConfig, connect
-
-_LOG = logging.getLogger(__name__)
+from transforms.redis_sink import BufferedRedisFn, RedisConfig
 
 DEFAULT_TTL_SECONDS = 600
 SKIPPED = "skipped"
@@ -185,66 +182,35 @@ return 0
 CLAIM_PREFIX = "sentiment:claim:"
 
 
-class _FirstPerIdInRedisFn(beam.DoFn):
-    """Buffers a bundle's tweets and claims their ids in one pipelined round
-    trip (flushing every ``FLUSH_EVERY`` tweets on a long bundle)."""
+class _FirstPerIdInRedisFn(BufferedRedisFn):
+    """Claims a bundle's ids in one pipelined round trip (flushing every
+    ``FLUSH_EVERY`` tweets on a long bundle). Emits no acks: a tweet that
+    passes has not reached its end yet."""
 
-    FLUSH_EVERY = 1000
+    script = _CLAIM
+    namespace = "DedupeByTweetId"
+    emits_acks = False
 
     def __init__(self, config: RedisConfig, claim_seconds: int):
-        self._config = config
+        super().__init__(config)
         self._claim_seconds = max(1, int(claim_seconds))
-        self._client = None
-        self._unique = Metrics.counter("DedupeByTweetId", "unique")
-        self._duplicates = Metrics.counter("DedupeByTweetId", "duplicates_skipped")
-        self._unchecked = Metrics.counter("DedupeByTweetId", "unchecked_redis_unavailable")
+        self._unique = Metrics.counter(self.namespace, "unique")
+        self._duplicates = Metrics.counter(self.namespace, "duplicates_skipped")
 
-    def setup(self):
-        self._client = connect(self._config)
-        self._script = self._client.register_script(_CLAIM)
+    def script_call(self, tweet: Tweet):
+        return ([self._config.dedupe_prefix + tweet.tweet_id, CLAIM_PREFIX + dedupe_key(tweet)],
+                [self._claim_seconds])
 
-    def teardown(self):
-        if self._client is not None:
-            self._client.close()
+    def on_reply(self, tweet: Tweet, first):
+        if first:
+            self._unique.inc()
+            return [tweet]
+        self._duplicates.inc()
+        return [beam.pvalue.TaggedOutput(SKIPPED, tweet.ack_id)]
 
-    def start_bundle(self):
-        self._buffer: list = []
-
-    def process(self, tweet, timestamp=beam.DoFn.TimestampParam, w=beam.DoFn.WindowParam):
-        self._buffer.append((tweet, timestamp, w))
-        if len(self._buffer) >= self.FLUSH_EVERY:
-            yield from self._flush()
-
-    def finish_bundle(self):
-        yield from self._flush()
-
-    def _flush(self):
-        import redis
-        from apache_beam.utils.windowed_value import WindowedValue
-
-        buffered, self._buffer = self._buffer, []
-        if not buffered:
-            return
-        c = self._config
-        try:
-            pipe = self._client.pipeline(transaction=False)
-            for tweet, _, _ in buffered:
-                self._script(keys=[c.dedupe_prefix + tweet.tweet_id,
-                                   CLAIM_PREFIX + dedupe_key(tweet)],
-                             args=[self._claim_seconds], client=pipe)
-            firsts = pipe.execute()
-        except (redis.ConnectionError, redis.TimeoutError) as err:
-            _LOG.warning("dedupe: Redis unavailable (%s); %d tweets pass unchecked (the sink "
-                         "writes each once)", err, len(buffered))
-            self._unchecked.inc(len(buffered))
-            firsts = [1] * len(buffered)
-        for (tweet, ts, w), first in zip(buffered, firsts):
-            if first:
-                self._unique.inc()
-                yield WindowedValue(tweet, ts, [w])
-            else:
-                self._duplicates.inc()
-                yield beam.pvalue.TaggedOutput(SKIPPED, WindowedValue(tweet.ack_id, ts, [w]))
+    def on_failure(self, tweet: Tweet, reason: str):
+        # Unchecked (counted as connection_failures): the sink writes each id once.
+        return [tweet]
 
 
 class DedupeByTweetId(beam.PTransform):

@@ -93,17 +93,10 @@ class _Endless(RestrictionProvider):
         return None  # on drain: stop pulling
 
 
-class _PullFn(beam.DoFn):
-    def __init__(self, max_messages: int, poll_seconds: float, lease_seconds: int,
-                 idle_slack_seconds: float, drain_seconds: float = 0.5):
-        self._max_messages = max_messages
-        self._poll_seconds = poll_seconds
-        self._lease_seconds = lease_seconds
-        self._idle_slack = idle_slack_seconds
-        self._drain_seconds = drain_seconds
-        self._client = None
-        self._pulled = Metrics.counter("ReadTweets", "pulled")
-        self._pulls = Metrics.counter("ReadTweets", "pulls")
+class _SubscriberFn(beam.DoFn):
+    """A DoFn with a Pub/Sub subscriber client for its lifetime."""
+
+    _client = None
 
     def setup(self):
         from google.cloud import pubsub_v1
@@ -113,6 +106,18 @@ class _PullFn(beam.DoFn):
     def teardown(self):
         if self._client is not None:
             self._client.close()
+
+
+class _PullFn(_SubscriberFn):
+    def __init__(self, max_messages: int, poll_seconds: float, lease_seconds: int,
+                 idle_slack_seconds: float, drain_seconds: float = 0.5):
+        self._max_messages = max_messages
+        self._poll_seconds = poll_seconds
+        self._lease_seconds = lease_seconds
+        self._idle_slack = idle_slack_seconds
+        self._drain_seconds = drain_seconds
+        self._pulled = Metrics.counter("ReadTweets", "pulled")
+        self._pulls = Metrics.counter("ReadTweets", "pulls")
 
     @beam.DoFn.unbounded_per_element()
     def process(self, subscription: str,
@@ -243,21 +248,11 @@ def subscription_for_topic(topic: str) -> str:
     return path
 
 
-class _AckFn(beam.DoFn):
+class _AckFn(_SubscriberFn):
     def __init__(self, subscription: str):
         self._subscription = subscription
-        self._client = None
         self._acked = Metrics.counter("AcknowledgeMessages", "acknowledged")
         self._failed = Metrics.counter("AcknowledgeMessages", "failed")
-
-    def setup(self):
-        from google.cloud import pubsub_v1
-
-        self._client = pubsub_v1.SubscriberClient()
-
-    def teardown(self):
-        if self._client is not None:
-            self._client.close()
 
     def start_bundle(self):
         self._pending: list[str] = []

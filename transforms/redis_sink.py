@@ -109,11 +109,24 @@ def connect(config: RedisConfig):
 ACKS = "acks"
 
 
-class _BufferedRedisFn(beam.DoFn):
-    """Buffers a bundle's elements and writes them in pipelined flushes."""
+def _windowed(output, timestamp, w):
+    """An output (tagged or not) at its input's timestamp and window."""
+    if isinstance(output, beam.pvalue.TaggedOutput):
+        return beam.pvalue.TaggedOutput(output.tag, WindowedValue(output.value, timestamp, [w]))
+    return WindowedValue(output, timestamp, [w])
+
+
+class BufferedRedisFn(beam.DoFn):
+    """Buffers a bundle's elements and runs one Lua script per element in
+    pipelined flushes (one round trip per flush, not per element). Outputs
+    keep their element's timestamp and window. The sinks below and
+    ``DedupeByTweetId``'s Redis layout are its subclasses."""
 
     FLUSH_EVERY = 500
     namespace = "WriteToRedis"
+    # The sinks: an element written (or already there) has reached its end,
+    # so its ack id goes to the ``acks`` output.
+    emits_acks = True
 
     def __init__(self, config: RedisConfig):
         self._config = config
@@ -131,7 +144,6 @@ class _BufferedRedisFn(beam.DoFn):
     def process(self, element, timestamp=beam.DoFn.TimestampParam, w=beam.DoFn.WindowParam):
         self._buffer.append((element, timestamp, w))
         if len(self._buffer) >= self.FLUSH_EVERY:
-            # Outputs carry their own element's timestamp and window.
             yield from self._flush()
 
     def finish_bundle(self):
@@ -156,16 +168,16 @@ class _BufferedRedisFn(beam.DoFn):
             replies = pipe.execute()
         except (redis.ConnectionError, redis.TimeoutError) as err:
             self._connection_failures.inc(len(buffered))
-            return [WindowedValue(out, ts, [w]) for element, ts, w in buffered
-                    for out in self.on_failure(element, f"redis unavailable after "
-                                                        f"{self._config.retries} retries: {err}")]
+            reason = f"redis unavailable after {self._config.retries} retries: {err}"
+            _LOG.warning("%s: %s (%d elements)", self.namespace, reason, len(buffered))
+            return [_windowed(out, ts, w) for element, ts, w in buffered
+                    for out in self.on_failure(element, reason)]
         self._latency.update(int((time.monotonic() - started) * 1000))
         out = []
         for (element, ts, w), reply in zip(buffered, replies):
-            out.extend(WindowedValue(o, ts, [w]) for o in self.on_reply(element, reply))
-            # Written (or already there): this input has reached its end.
-            if element.ack_id:
-                out.append(beam.pvalue.TaggedOutput(ACKS, WindowedValue(element.ack_id, ts, [w])))
+            out.extend(_windowed(o, ts, w) for o in self.on_reply(element, reply))
+            if self.emits_acks and element.ack_id:
+                out.append(_windowed(beam.pvalue.TaggedOutput(ACKS, element.ack_id), ts, w))
         return out
 
     # Subclasses: the script, its KEYS/ARGV per element, and what to emit.
@@ -181,7 +193,7 @@ class _BufferedRedisFn(beam.DoFn):
         return []
 
 
-class _WriteResultsFn(_BufferedRedisFn):
+class _WriteResultsFn(BufferedRedisFn):
     script = _WRITE_RESULT
 
     def __init__(self, config: RedisConfig):
@@ -209,7 +221,7 @@ class _WriteResultsFn(_BufferedRedisFn):
                               result.tweet_id, result.ack_id)]
 
 
-class _WriteDeadLettersFn(_BufferedRedisFn):
+class _WriteDeadLettersFn(BufferedRedisFn):
     script = _WRITE_DEAD_LETTER
     namespace = "WriteDeadLetters"
 

@@ -44,9 +44,6 @@ class _MarkLateFn(beam.DoFn):
     def __init__(self):
         self._late = Metrics.counter("WindowByEventTime", "late_tweets")
 
-    def setup(self):
-        self._known: dict = {}
-
     def start_bundle(self):
         # (key, window) -> closed: the state is read, and the timer set, once
         # per window and bundle instead of once per tweet (on a portable
