@@ -135,8 +135,9 @@ def build(p: beam.Pipeline, o: BertstreamOptions, handler=None) -> Outputs:
     raw = p | "ReadTweets" >> ReadTweets(o, profile, subscription)
     parsed = raw | "ParseTweets" >> ParseTweets(timestamp_from_created_at=not o.is_pubsub)
     deduped = parsed.tweets | "DedupeByTweetId" >> DedupeByTweetId(
-        o.dedupe_ttl_seconds, profile.dedupe_shards,
-        o.redis_config() if profile.dedupe_in_redis else None,
+        o.dedupe_ttl_seconds,
+        shards=runners.DEDUPE_SHARDS if profile.dedupe == runners.SHARDED else 0,
+        redis_config=o.redis_config() if profile.dedupe == runners.IN_REDIS else None,
         claim_seconds=o.pubsub_lease_seconds // 2)
     scored, inference_dead = deduped.tweets | "RunSentiment" >> RunSentiment(
         handler or model_handler(o), o.max_batch_size, TokenCounter.for_model(o.model_dir))

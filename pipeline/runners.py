@@ -55,6 +55,11 @@ PRISM_HINT = (f"build it once with `make prism` (go install {PRISM_MODULE}@{PRIS
               "about two minutes, from the Go module proxy), or give --prism_location")
 
 
+# DedupeByTweetId's layouts.
+PER_ID, SHARDED, IN_REDIS = "per-id", "sharded", "redis"
+DEDUPE_SHARDS = 16
+
+
 @dataclass(frozen=True)
 class RunnerProfile:
     """What one runner needs. ``name`` is the runner the job really runs on."""
@@ -64,13 +69,12 @@ class RunnerProfile:
     # Keys that hold WindowByEventTime's per-window flag: one per worker
     # slot, so a cluster spreads the step.
     late_shards: int = 1
-    # DedupeByTweetId's layout: 0 = a key per tweet id; N = N keys holding
-    # sets of ids (the legacy DirectRunner walks every key it has seen on
-    # each timer tick: transforms/dedupe.py).
-    dedupe_shards: int = 0
-    # DedupeByTweetId in Redis instead of Beam state: on portable runners a
-    # keyed-state access is a blocking Fn API round trip (transforms/dedupe.py).
-    dedupe_in_redis: bool = False
+    # DedupeByTweetId's layout (transforms/dedupe.py): PER_ID, a key per
+    # tweet id; SHARDED, 16 keys holding sets of ids (the legacy DirectRunner
+    # walks every key it has seen on each timer tick); IN_REDIS, claims in
+    # Redis (on portable runners a keyed-state access is a blocking Fn API
+    # round trip).
+    dedupe: str = PER_ID
     # Beam's native read: the attribute Dataflow dedupes messages by.
     id_label: str | None = None
 
@@ -127,15 +131,15 @@ def profile_for(options: PipelineOptions, is_pubsub: bool, parallelism: int = 1,
         profile = RunnerProfile(runner, NATIVE, late_shards=16, id_label="tweet_id")
     elif "flink" in lowered:
         profile = RunnerProfile("FlinkRunner", PULL, late_shards=max(1, 2 * parallelism),
-                                dedupe_in_redis=True)
+                                dedupe=IN_REDIS)
     elif "prism" in lowered:
-        profile = RunnerProfile("PrismRunner", PULL, dedupe_in_redis=True)
+        profile = RunnerProfile("PrismRunner", PULL, dedupe=IN_REDIS)
     elif "direct" in lowered and is_pubsub and direct_optimizations == "on":
-        profile = RunnerProfile("DirectRunner", DIRECT, dedupe_shards=16)
+        profile = RunnerProfile("DirectRunner", DIRECT, dedupe=SHARDED)
     elif "direct" in lowered:
         profile = RunnerProfile("DirectRunner", NATIVE)
     else:
-        profile = RunnerProfile(runner, PULL, dedupe_in_redis=True)
+        profile = RunnerProfile(runner, PULL, dedupe=IN_REDIS)
     if pubsub_read != "auto":
         profile = dataclasses.replace(profile, pubsub_read=pubsub_read)
     return profile
