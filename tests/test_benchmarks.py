@@ -39,3 +39,19 @@ def test_throughput_prints_every_figure_it_promises(tiny_model_dir):
         assert run["tps"] > 0 and run["ratio"] == pytest.approx(
             run["tps"] / out["model_only_tps"], abs=1e-3)
     assert out["min_ratio"] == min(r["ratio"] for r in runs.values())
+
+
+@pytest.mark.timeout(600)
+def test_train_step_times_both_precisions():
+    """A two-step run on the default encoder: one JSON object last, a time per
+    precision and length, and the speed-up of their medians."""
+    run = subprocess.run(
+        [sys.executable, "benchmarks/train_step.py", "--lengths", "8", "--steps", "2",
+         "--batch", "4", "--repeats", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=580, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    row = out["seconds_per_step"]["8"]
+    assert row["float32"] > 0 and row["bfloat16"] > 0
+    assert row["speedup"] == round(row["float32"] / row["bfloat16"], 2)
+    assert row["runs"] == {"float32": [row["float32"]], "bfloat16": [row["bfloat16"]]}

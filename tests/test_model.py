@@ -149,6 +149,29 @@ def test_build_rejects_an_unknown_mix_or_calibration(tmp_path):
         BuildConfig(out=tmp_path, mix="everything").validate()
     with pytest.raises(ValueError, match="--calibration"):
         BuildConfig(out=tmp_path, calibration="magic").validate()
+    with pytest.raises(ValueError, match="--train-precision"):
+        BuildConfig(out=tmp_path, train_precision="float16").validate()
+
+
+def test_train_precision_is_resolved_and_keyed(tmp_path, monkeypatch):
+    """auto becomes this CPU's choice before the cache key is taken; a float32
+    training keeps the key it had before the option existed (cached builds stay
+    valid) and a bfloat16 one gets its own."""
+    import model.fused
+    from model.build import BuildConfig
+
+    base = BuildConfig(out=tmp_path)
+    for native, expected in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(model.fused, "native_bfloat16", lambda native=native: native)
+        assert base.resolved().train_precision == expected
+    f32 = BuildConfig(out=tmp_path, train_precision="float32")
+    bf16 = BuildConfig(out=tmp_path, train_precision="bfloat16")
+    assert f32.resolved() is f32
+    assert f32.cache_key() != bf16.cache_key()
+    # The default float32 training as built before the option existed (the
+    # model card's training_build_key then): its cached build is still found.
+    old_default = BuildConfig(out=tmp_path, train_precision="float32", max_train_rows=18000)
+    assert old_default.cache_key() == "179cc390e3f1871f"
 
 
 def test_metrics_exact_on_hand_computed_example():
@@ -376,6 +399,33 @@ def test_build_exports_each_precision_from_one_training(tmp_path):
                                             max_eval_rows=48, cache_dir=cache,
                                             precision="bfloat16"))
     assert again.name == "2"
+
+
+@pytest.mark.slow
+def test_bfloat16_training_builds_a_servable_model(tmp_path):
+    """--train-precision bfloat16 trains under mixed_bfloat16; the card says so,
+    and the training export, the float32 serving graph and its Keras reference
+    give the same probabilities."""
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    import tensorflow as tf
+
+    from model.build import BuildConfig, build
+    from model.serving import LoadedModel
+
+    cfg = BuildConfig.tiny_defaults(out=tmp_path / "out", max_train_rows=64, max_eval_rows=48,
+                                    cache_dir=tmp_path / "cache", precision="float32",
+                                    train_precision="bfloat16")
+    version_dir = build(cfg)
+    card = json.loads((version_dir / "model_card.json").read_text())
+    assert card["training"]["precision"] == "mixed_bfloat16"
+    assert card["serving"]["label_agreement_with_keras"] == 1.0
+    assert card["serving"]["max_probability_difference"] < 1e-4
+    (trained,) = (tmp_path / "cache" / "builds").glob("*/model")
+    trained_probabilities = tf.saved_model.load(str(trained)).signatures["serving_default"](
+        text=tf.constant(TEXTS))["probabilities"].numpy()
+    probabilities = LoadedModel(version_dir).probabilities(TEXTS)
+    np.testing.assert_allclose(probabilities, trained_probabilities, atol=1e-4)
+    np.testing.assert_allclose(probabilities.sum(1), 1.0, atol=1e-5)
 
 
 @pytest.mark.slow
