@@ -47,6 +47,8 @@ def test_flink_dry_run_resolves_every_flag_without_secrets(tmp_path, tiny_model_
     assert options["environment_type"] == "EXTERNAL"
     assert options["environment_config"].startswith("127.0.0.1:")
     assert options["checkpointing_interval"] == "10000"  # on by default
+    # A barrier never strands a finished bundle's output (launcher/flink.py).
+    assert options["finish_bundle_before_checkpointing"] is True
     assert options["flink_job_server_jar"].endswith("job-server-2.70.0.jar")
     assert options["redis_url"] == "redis://bertstream:***@redis:6379/0"
     # Pub/Sub through the job's own pull source: no expansion service.
