@@ -513,7 +513,7 @@ def _card(cfg, encoder_package, train_rows, source_rows, evals, best_epoch, temp
                      "optimizer": "AdamW, cosine decay with 10% warmup",
                      "selection": "best out-of-domain validation macro F1",
                      "calibration_temperature": temperature,
-                     "precision": TRAIN_DTYPES[cfg.train_precision or "float32"],
+                     "precision": TRAIN_DTYPES[cfg.train_precision],
                      "train_seconds": round(train_seconds, 1),
                      "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"},
         "calibration": {"method": cfg.calibration, "temperature": temperature,
