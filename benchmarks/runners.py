@@ -64,12 +64,15 @@ def _file_tps(runner: str, flags: list[str], tweets, model_dir: str, redis_url: 
             with flink_job(["--flink_master=[local]", *flags, *argv]) as job:
                 job.result.wait_until_finish()
         else:
-            from pipeline.pipeline import run
+            from pipeline.pipeline import make_options, profile_of, run
             from transforms.inference import local_handler
 
             local_handler(model_dir).load_model()
-            started = time.monotonic()
-            run([f"--runner={runner}", *flags, *argv])
+            job_argv = [f"--runner={runner}", *flags, *argv]
+            # The SDK workers `python -m pipeline` would start (Prism: a worker pool).
+            with profile_of(make_options(job_argv)).local_workers(job_argv) as worker_flags:
+                started = time.monotonic()
+                run(job_argv + worker_flags)
         seconds = time.monotonic() - started
     return round(redis.Redis.from_url(redis_url).xlen("sentiment:results") / seconds, 1)
 

@@ -108,21 +108,24 @@ def streaming_job(argv: list[str], runner: str):
         return
     import apache_beam as beam
 
-    from pipeline.pipeline import build, make_options
+    from pipeline.pipeline import build, make_options, profile_of
 
-    options = make_options([f"--runner={runner}", *argv])
-    pipeline = beam.Pipeline(options=options)
-    build(pipeline, options)
-    result = pipeline.run()
-    try:
-        yield result
-    finally:
-        with contextlib.suppress(Exception):
-            result.cancel()
-        deadline = time.monotonic() + 60
-        while str(result.state) not in ("CANCELLED", "DONE", "FAILED") and \
-                time.monotonic() < deadline:
-            time.sleep(0.2)
+    argv = [f"--runner={runner}", *argv]
+    # The SDK workers `python -m pipeline` would start (Prism: a worker pool).
+    with profile_of(make_options(argv)).local_workers(argv) as worker_flags:
+        options = make_options(argv + worker_flags)
+        pipeline = beam.Pipeline(options=options)
+        build(pipeline, options)
+        result = pipeline.run()
+        try:
+            yield result
+        finally:
+            with contextlib.suppress(Exception):
+                result.cancel()
+            deadline = time.monotonic() + 60
+            while str(result.state) not in ("CANCELLED", "DONE", "FAILED") and \
+                    time.monotonic() < deadline:
+                time.sleep(0.2)
 
 
 def _publish(publisher, topic: str, tweets: list[dict]) -> None:

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     import apache_beam as beam
 
     from pipeline import checks, summary
-    from pipeline.pipeline import make_options, run, wait_or_cancel
+    from pipeline.pipeline import make_options, profile_of, run, wait_or_cancel
     from transforms.redis_sink import read_stats
 
     try:
@@ -43,15 +43,16 @@ def main(argv: list[str] | None = None) -> int:
         with ensure_redis(options) as redis_info:
             config = options.redis_config()._replace(url=redis_info.url)
             before = read_stats(config)
-            job_options = make_options(redis_info.argv(argv))
-            started = time.monotonic()
-            # Started here rather than by run() alone, to say when it reads.
-            result, _ = run(options=job_options,
-                            test_pipeline=beam.Pipeline(options=job_options))
-            if job_options.is_pubsub:
-                print(reading_line(job_options), file=sys.stderr, flush=True)
-            wait_or_cancel(result)
-            seconds = time.monotonic() - started
+            with profile_of(options).local_workers(argv) as worker_flags:
+                job_options = make_options(redis_info.argv(argv) + worker_flags)
+                started = time.monotonic()
+                # Started here rather than by run() alone, to say when it reads.
+                result, _ = run(options=job_options,
+                                test_pipeline=beam.Pipeline(options=job_options))
+                if job_options.is_pubsub:
+                    print(reading_line(job_options), file=sys.stderr, flush=True)
+                wait_or_cancel(result)
+                seconds = time.monotonic() - started
             totals = summary.collect(result, seconds, before, read_stats(config))
             text = summary.render(totals, redis_info.display_url,
                                   options.redis_stream, options.redis_channel,

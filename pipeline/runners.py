@@ -17,6 +17,7 @@ layout of the stateful steps) and, on Beam's legacy DirectRunner, to install
 | other portable runners | ``PullFromPubSub`` | by the graph | claims in Redis |
 """
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -90,6 +91,32 @@ class RunnerProfile:
 
             direct_runner.install(o.direct_threads, o.direct_pubsub_max_messages,
                                   o.pubsub_lease_seconds)
+
+    @contextlib.contextmanager
+    def local_workers(self, argv: list[str]):
+        """Yields the flags of the SDK workers this run starts, and stops them
+        after: on Prism without ``--environment_type``, a worker pool on
+        127.0.0.1 in a process of its own (``pipeline/worker_pool.py``), as the
+        local Flink launcher does.
+
+        Beam's default there, LOOPBACK, runs the workers as threads of the
+        launching process and listens on every interface. When the job is
+        cancelled, the runner closes the workers' control stream and Beam's
+        SDK harness shuts down the bundle still running (the pull source's,
+        on an idle stream), which then fails with a traceback; in a process
+        of its own that ends in the pool's log, not in the job's output.
+        """
+        if self.name != "PrismRunner" or _given(argv, "environment_type"):
+            yield []
+            return
+        from pipeline.worker_pool import LocalWorkerPool
+
+        workers = LocalWorkerPool(preload=("tensorflow", "tensorflow_text"))
+        try:
+            workers.start()
+            yield workers.flags()
+        finally:
+            workers.stop()
 
     def flags(self, argv: list[str]) -> list[str]:
         """Runner flags the job needs that ``argv`` does not give."""

@@ -77,3 +77,29 @@ def test_streaming_on_prism_scores_acknowledges_and_stops_cleanly(pubsub_names, 
     assert len(leftover.received_messages) == 0  # every end was acknowledged
     output = log.read_text()
     assert "bertstream summary" in output and "Traceback" not in output
+
+
+@pytest.mark.timeout(120)
+def test_prism_workers_run_in_a_loopback_pool_of_their_own_while_the_job_runs():
+    """`python -m pipeline --runner=PrismRunner` starts its SDK workers in a
+    process of its own on 127.0.0.1 (Beam's LOOPBACK listens on every
+    interface and puts the workers' shutdown in the job's output), and stops
+    it after; an --environment_type the user gives is left alone."""
+    import socket
+
+    from pipeline.pipeline import make_options, profile_of
+
+    argv = ["--runner=PrismRunner"]
+    profile = profile_of(make_options(argv))
+    with profile.local_workers(argv) as flags:
+        assert flags[0] == "--environment_type=EXTERNAL"
+        host, port = flags[1].removeprefix("--environment_config=").rsplit(":", 1)
+        assert host == "127.0.0.1"
+        socket.create_connection((host, int(port)), timeout=5).close()
+    with pytest.raises(OSError):
+        socket.create_connection((host, int(port)), timeout=5).close()
+    given = argv + ["--environment_type=LOOPBACK"]
+    with profile.local_workers(given) as flags:
+        assert flags == []
+    with profile_of(make_options(["--runner=DirectRunner"])).local_workers([]) as flags:
+        assert flags == []
