@@ -12,13 +12,14 @@ PYTEST_ARGS ?=
 PRISM := $(BERTSTREAM_CACHE)/bin/prism
 PRISM_VERSION := v2.77.0
 
-.PHONY: help setup venv redis emulator model jars crd prism run test bench lint reliability constraints clean
+.PHONY: help setup venv redis emulator model jars crd prism run test bench lint reliability screenshot constraints clean
 
 help:
 	@echo "make run          set up, then run the pipeline on its embedded defaults (DirectRunner)"
 	@echo "make test         set up, then run the whole test suite"
 	@echo "make bench        set up, then run the benchmarks (JSON on the last line of each)"
 	@echo "make reliability  set up, then the full fault and load suite"
+	@echo "make screenshot   set up, then save the README's dashboard picture (docs/dashboard.png)"
 	@echo "make lint         ruff over the project"
 	@echo "make setup        everything any target needs: venv + pip install, redis-server, the"
 	@echo "                  default model (cached), the Pub/Sub emulator check, the Flink jars,"
@@ -110,6 +111,10 @@ chromium:
 # pytest exits 5 when it collected no test: that is a failure here, like any other non-zero code.
 test: setup tf-serving-venv
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The README's picture of the dashboard, saved by its browser test.
+screenshot: setup
+	BERTSTREAM_SCREENSHOT=$(CURDIR)/docs/dashboard.png $(PY) -m pytest tests/test_dashboard.py -k pipeline_run_and_a_new_result_live
 
 reliability: venv redis emulator model jars
 	$(PY) -m tests.reliability.run
