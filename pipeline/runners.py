@@ -111,7 +111,7 @@ class RunnerProfile:
             return
         from pipeline.worker_pool import LocalWorkerPool
 
-        workers = LocalWorkerPool(preload=("tensorflow", "tensorflow_text"))
+        workers = LocalWorkerPool()
         try:
             workers.start()
             yield workers.flags()

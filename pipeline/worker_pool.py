@@ -54,7 +54,11 @@ class LocalWorkerPool(_LoggedServer):
 
     name = "sdk-worker-pool"
 
-    def __init__(self, port: int | None = None, preload: tuple[str, ...] = ()):
+    # What the job's first bundle imports (RunSentiment's model handler), imported
+    # by the pool while the runner starts the job.
+    JOB_MODULES = ("tensorflow", "tensorflow_text")
+
+    def __init__(self, port: int | None = None, preload: tuple[str, ...] = JOB_MODULES):
         self.port = port or free_port()
         self.preload = tuple(preload)
         self.log_path = Path(tempfile.mkdtemp(prefix="bertstream-workers-")) / "workers.log"
