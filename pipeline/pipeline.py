@@ -5,6 +5,7 @@
 decided once, in ``pipeline/runners.py`` (see docs/architecture.md).
 """
 
+import hashlib
 import logging
 import signal
 import threading
@@ -37,22 +38,33 @@ _LOG = logging.getLogger(__name__)
 
 def read_lines(path: str) -> Iterator[Envelope]:
     """An ``Envelope`` for every non-blank line, undecoded (bad bytes must
-    reach ParseTweets, which dead-letters them with a reason)."""
+    reach ParseTweets, which dead-letters them with a reason).
+
+    Source ids are ``PATH@<content sha256, 16 hex>:LINE``: a path is reused
+    with new content whenever a file is edited, so the content names the
+    input, and an unchanged file read again has the same ids (its dead letters
+    are not written twice)."""
+    digest = hashlib.sha256()
+    with beam.io.filesystems.FileSystems.open(path) as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    scope = f"{path}@{digest.hexdigest()[:16]}"
     with beam.io.filesystems.FileSystems.open(path) as f:
         for number, line in enumerate(f, start=1):
             line = line.rstrip(b"\r\n")
             if line.strip():
-                yield Envelope(f"{path}:{number}", line)
+                yield Envelope(f"{scope}:{number}", line)
 
 
-def envelope_of(message) -> Envelope:
-    """A Beam ``PubsubMessage`` (native or cross-language read) as an ``Envelope``;
-    on the adjusted DirectRunner its ack id travels in an attribute."""
+def envelope_of(message, scope: str = "") -> Envelope:
+    """A Beam ``PubsubMessage`` (native or cross-language read) as an ``Envelope``
+    read from ``scope`` (the subscription or topic); on the adjusted
+    DirectRunner its ack id travels in an attribute."""
     attributes = dict(message.attributes or {})
     ack_id = attributes.pop(ACK_ID_ATTRIBUTE, "")
     published = getattr(message, "publish_time", None)
     return envelope(message.message_id, message.data, attributes, ack_id,
-                    published.timestamp() if published else None)
+                    published.timestamp() if published else None, scope)
 
 
 class ReadTweets(beam.PTransform):
@@ -88,8 +100,9 @@ class ReadTweets(beam.PTransform):
             read = beam.io.ReadFromPubSub(
                 topic=topic, subscription=self._subscription, with_attributes=True,
                 timestamp_attribute="event_ts", id_label=self._profile.id_label)
+        scope = self._subscription or o.input_topic
         return (p | "ReadPubSub" >> read
-                | "MessageBytes" >> beam.Map(envelope_of).with_output_types(Envelope))
+                | "MessageBytes" >> beam.Map(envelope_of, scope).with_output_types(Envelope))
 
     # Beam's own key for the GCP expansion service in --beam_services.
     GCP_EXPANSION_TARGET = ":sdks:java:io:google-cloud-platform:expansion-service:shadowJar"

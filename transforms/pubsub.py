@@ -61,15 +61,26 @@ def event_seconds(attributes, publish_seconds: float) -> float:
 
 
 def envelope(message_id: str, data: bytes, attributes, ack_id: str = "",
-             published_seconds: float | None = None) -> Envelope:
-    """A Pub/Sub message as an ``Envelope``: source ``pubsub:<message id>``,
-    prefixed by the dead-letter entry it replays (``replay`` attribute, set by
-    ``pipeline.replay_deadletter``)."""
+             published_seconds: float | None = None, scope: str = "") -> Envelope:
+    """A Pub/Sub message as an ``Envelope``.
+
+    Its source id names the message as only a redelivery of it can:
+    ``pubsub:<scope>/<message id>@<publish time>``, where ``scope`` is the
+    subscription (or topic) it was read from. Message ids alone repeat: an
+    emulator numbers them from 1 again after a restart, and two topics can
+    share ids; the publish time (kept by Pub/Sub across redeliveries) and the
+    scope tell such messages apart. The dead-letter sink's once-key hashes
+    this id with the message's bytes (docs/reliability.md). A replayed dead
+    letter (``replay`` attribute, set by ``pipeline.replay_deadletter``) is
+    prefixed by the entry it replays.
+    """
     attributes = attributes or {}
-    source_id = f"{SOURCE_PREFIX}{message_id or attributes.get('tweet_id') or ''}"
+    published = iso_from_seconds(published_seconds) if published_seconds is not None else ""
+    source_id = (SOURCE_PREFIX + (f"{scope}/" if scope else "")
+                 + str(message_id or attributes.get("tweet_id") or "")
+                 + (f"@{published}" if published else ""))
     if attributes.get("replay"):
         source_id = f"{REPLAY_PREFIX}{attributes['replay']}/{source_id}"
-    published = iso_from_seconds(published_seconds) if published_seconds is not None else ""
     return Envelope(source_id, bytes(data), ack_id, published)
 
 
@@ -160,7 +171,7 @@ class _PullFn(_SubscriberFn):
                 oldest = min(oldest, seconds)
                 yield beam.window.TimestampedValue(
                     envelope(message.message_id, message.data, message.attributes,
-                             item.ack_id, published), seconds)
+                             item.ack_id, published, subscription), seconds)
         self._pulled.inc(total)
         candidate = Timestamp.of(min(oldest, time.time()))
         current = watermark.current_watermark()

@@ -14,6 +14,7 @@ element written, or found already written, has its Pub/Sub ack id emitted on
 the ``acks`` output: that input has reached its end.
 """
 
+import hashlib
 import logging
 import os
 import time
@@ -236,9 +237,7 @@ class _WriteDeadLettersFn(BufferedRedisFn):
         fields = []
         for name, value in dead._asdict().items():
             fields += [name, "" if value is None else value]
-        # One dead letter per input and stage, even when a runner retries.
-        return ([f"{c.dedupe_prefix}dl:{dead.stage}:{dead.source_id}", c.dead_letter_stream,
-                 c.stats_key],
+        return ([dead_letter_key(c, dead), c.dead_letter_stream, c.stats_key],
                 [c.dedupe_ttl_seconds, c.stream_maxlen, dead.stage, *fields])
 
     def on_reply(self, dead, reply):
@@ -250,6 +249,21 @@ class _WriteDeadLettersFn(BufferedRedisFn):
         _LOG.error("could not write dead letter (stage %s, source %s): %s; reason was: %s",
                    dead.stage, dead.source_id, reason, dead.reason)
         return []
+
+
+def dead_letter_key(config: RedisConfig, dead: DeadLetter) -> str:
+    """The once-key of a dead letter: one per input and stage, even when a
+    runner retries a bundle or Pub/Sub redelivers the message.
+
+    It hashes the source id, which names the input within its source's scope
+    (the subscription and the message's id and publish time, or the file's
+    content hash and line: ``transforms.pubsub.envelope``,
+    ``pipeline.read_lines``), with the input's own bytes: message ids repeat
+    after an emulator restart and across topics, and a path is reused with
+    new content, so neither alone may decide that an input was seen before.
+    """
+    digest = hashlib.sha256(dead.source_id.encode() + b"\0" + dead.raw_bytes()).hexdigest()
+    return f"{config.dedupe_prefix}dl:{dead.stage}:{digest[:32]}"
 
 
 class WriteToRedis(beam.PTransform):
