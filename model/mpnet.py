@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import tensorflow as tf
 
 from model import data
 
@@ -152,7 +153,14 @@ def read_weights(checkpoint_dir: Path) -> dict[str, np.ndarray]:
 
 # --- the tokenizer ------------------------------------------------------------
 
-class MPNetTokenizer:
+class _Ids:
+    __slots__ = ("of",)
+
+    def __init__(self, ids: dict[str, int]):
+        self.of = ids
+
+
+class MPNetTokenizer(tf.Module):
     """WordPiece over the checkpoint's vocabulary, in TensorFlow ops
     (tensorflow-text's BertTokenizer), as the checkpoint's tokenizer config
     says: lower case with accents stripped, ``[UNK]`` (id 104, not ``<unk>``)
@@ -169,35 +177,34 @@ class MPNetTokenizer:
     cls_token, sep_token, pad_token, unk_token = "<s>", "</s>", "<pad>", "[UNK]"
 
     def __init__(self, vocab_path: Path, lowercase: bool = True):
-        import tensorflow as tf
         import tensorflow_text as tf_text
 
-        self.vocabulary = vocab_path.read_text(encoding="utf-8").split("\n")
-        if self.vocabulary and self.vocabulary[-1] == "":
-            self.vocabulary.pop()
-        self._ids = {token: i for i, token in enumerate(self.vocabulary)}
+        super().__init__(name="mpnet_tokenizer")
+        vocabulary = vocab_path.read_text(encoding="utf-8").split("\n")
+        if vocabulary and vocabulary[-1] == "":
+            vocabulary.pop()
+        # A plain object: tf.Module would track a dict of 30k entries.
+        self._ids = _Ids({token: i for i, token in enumerate(vocabulary)})
         for token in (self.cls_token, self.sep_token, self.pad_token, self.unk_token):
-            if token not in self._ids:
+            if token not in self._ids.of:
                 raise ValueError(f"{vocab_path}: no {token} in the vocabulary")
         # The table's keys and ids are graph constants: no file to ship beside
         # the SavedModel.
         table = tf.lookup.StaticHashTable(
             tf.lookup.KeyValueTensorInitializer(
-                tf.constant(self.vocabulary), tf.range(len(self.vocabulary), dtype=tf.int64)),
-            default_value=self._ids[self.unk_token])
+                tf.constant(vocabulary), tf.range(len(vocabulary), dtype=tf.int64)),
+            default_value=self._ids.of[self.unk_token])
         self._tokenizer = tf_text.BertTokenizer(
             table, token_out_type=tf.int64, unknown_token=self.unk_token,
             lower_case=lowercase)
 
     def vocabulary_size(self) -> int:
-        return len(self.vocabulary)
+        return len(self._ids.of)
 
     def token_to_id(self, token: str) -> int:
-        return self._ids[token]
+        return self._ids.of[token]
 
     def __call__(self, text):
-        import tensorflow as tf
-
         text = tf.strings.regex_replace(text, r"[\p{Zs}\t\n\r]", " ")
         text = tf.strings.regex_replace(text, r"[\p{C}\x{FFFD}]", "")
         return self._tokenizer.tokenize(text).merge_dims(1, 2)
@@ -210,8 +217,6 @@ def relative_buckets(length, buckets: int, max_distance: int):
     the bidirectional scheme of T5 and MPNet, computed in float32 as the
     reference implementations do (a bucket boundary then falls on the same
     side)."""
-    import tensorflow as tf
-
     positions = tf.range(length)
     relative = positions[tf.newaxis, :] - positions[:, tf.newaxis]
     n = -relative
@@ -233,8 +238,8 @@ def _keras():
 
 
 class _Layers:
-    """Builds the Keras layer classes on first use, so importing this module
-    does not import Keras (the teacher's soft-label reader needs only numpy)."""
+    """Builds the Keras layer classes on first use: importing Keras picks its
+    backend, which ``python -m model`` sets first (KERAS_BACKEND)."""
 
     _classes: dict | None = None
 
@@ -407,8 +412,6 @@ def encoder(config: MPNetConfig, dtype: str = "float32"):
 
 
 def _build(model) -> None:
-    import tensorflow as tf
-
     ids = tf.constant([[0, 5, 2]], tf.int32)
     model({"token_ids": ids, "padding_mask": tf.ones_like(ids, tf.bool),
            "segment_ids": tf.zeros_like(ids)})
@@ -464,8 +467,6 @@ def load_encoder_weights(encoder_layer, weights: dict[str, np.ndarray]) -> None:
 
 def pretrained_encoder(checkpoint_dir: Path, dtype: str = "float32"):
     """The checkpoint's encoder, built and loaded; returns (encoder, config)."""
-    import tensorflow as tf
-
     config = MPNetConfig.from_checkpoint(checkpoint_dir)
     layer = encoder(config, dtype)
     ids = tf.constant([[0, 5, 2]], tf.int32)
