@@ -273,8 +273,8 @@ def _define_layers(keras) -> dict:
                                                    dtype=self.dtype_policy, name="output_dense")
             self.output_norm = keras.layers.LayerNormalization(
                 epsilon=config.layer_norm_eps, dtype=self.dtype_policy, name="output_norm")
-            self.dropout = keras.layers.Dropout(config.dropout)
-            self.attention_dropout = keras.layers.Dropout(config.attention_dropout)
+            self.dropout = keras.layers.Dropout(config.dropout, dtype=self.dtype_policy)
+            self.attention_dropout = keras.layers.Dropout(config.attention_dropout, dtype=self.dtype_policy)
 
         def build(self, input_shape):
             for dense in (self.q, self.k, self.v, self.o, self.intermediate):
@@ -290,6 +290,7 @@ def _define_layers(keras) -> dict:
         def call(self, x, attention_bias, training=False):
             """``x`` [batch, length, hidden]; ``attention_bias`` float32
             [batch, heads, length, length] (position bias plus padding mask)."""
+            x = ops.cast(x, self.compute_dtype)  # not autocast (see MPNetEncoder)
             batch, length = ops.shape(x)[0], ops.shape(x)[1]
             q = self._heads(self.q(x), batch, length)
             k = self._heads(self.k(x), batch, length)
@@ -321,9 +322,12 @@ def _define_layers(keras) -> dict:
                 dtype=self.dtype_policy, name="position_embedding")
             self.embedding_norm = keras.layers.LayerNormalization(
                 epsilon=config.layer_norm_eps, dtype=self.dtype_policy, name="embedding_norm")
-            self.embedding_dropout = keras.layers.Dropout(config.dropout)
+            self.embedding_dropout = keras.layers.Dropout(config.dropout, dtype=self.dtype_policy)
+            # autocast=False: Keras would otherwise cast the float32 attention
+            # bias to bfloat16 on the way in under mixed_bfloat16; the layer's
+            # Dense sublayers still cast their own inputs.
             self.transformer_layers = [MPNetLayer(config, dtype=self.dtype_policy,
-                                                  name=f"layer_{i}")
+                                                  autocast=False, name=f"layer_{i}")
                                        for i in range(config.layers)]
 
         def build(self, input_shape):
@@ -372,12 +376,17 @@ def _define_layers(keras) -> dict:
             self.config, self.pooling = config, pooling
             init = keras.initializers.TruncatedNormal(stddev=0.02)
             self.encoder = MPNetEncoder(config, dtype=self.dtype_policy, name="encoder")
-            self.head_dropout = keras.layers.Dropout(config.dropout)
+            self.head_dropout = keras.layers.Dropout(config.dropout, dtype=self.dtype_policy)
             self.pooled_dense = keras.layers.Dense(config.hidden, activation="tanh",
                                                    kernel_initializer=init,
                                                    dtype=self.dtype_policy, name="pooled_dense")
             self.output_dense = keras.layers.Dense(num_classes, kernel_initializer=init,
                                                    dtype=self.dtype_policy, name="output_dense")
+
+        def build(self, input_shape=None):
+            self.encoder.build((None, None))
+            self.pooled_dense.build((None, self.config.hidden))
+            self.output_dense.build((None, self.config.hidden))
 
         def pool(self, hidden, padding_mask):
             if self.pooling == "cls":

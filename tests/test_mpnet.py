@@ -156,6 +156,25 @@ def test_encoder_matches_hugging_face_on_the_same_checkpoint(checkpoint):
     assert difference < 1e-4, difference
 
 
+def test_mixed_bfloat16_classifier_keeps_the_float32_logits(checkpoint):
+    """Training (and a bfloat16 serving graph) run the classifier under Keras'
+    mixed_bfloat16 policy: same weights, float32 attention bias and softmax."""
+    import tensorflow as tf
+
+    from model.export import SentimentModule
+
+    f32, tokenizer = mpnet.new_classifier(checkpoint, 3, tiny=True)
+    bf16, _ = mpnet.new_classifier(checkpoint, 3, "mixed_bfloat16", tiny=True)
+    bf16.set_weights(f32.get_weights())
+    module = SentimentModule(None, tokenizer, 64, 1.0, str(checkpoint / "vocab.txt"))
+    features = tf.function(module.features)(tf.constant(TEXTS))
+    ours = tf.cast(bf16(features), tf.float32).numpy()
+    theirs = f32(features).numpy()
+    assert bf16.encoder.transformer_layers[0].q.kernel.dtype == "float32"
+    np.testing.assert_allclose(ours, theirs, atol=0.05 * float(np.abs(theirs).max()) + 1e-3)
+    assert not np.array_equal(ours, theirs)
+
+
 def test_soft_label_file_round_trips_by_text_hash(tmp_path):
     texts = {"a": ["great flight", "lost my bag"], "b": ["the store opens at 9"]}
     logits = np.array([[-2.0, 0.1, 3.0], [2.5, 0.0, -1.0], [0.2, 1.5, -0.3]])
