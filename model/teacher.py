@@ -118,8 +118,8 @@ def score(version_dir: Path, texts: list[str], chunk_dir: Path) -> np.ndarray:
         np.save(path.with_suffix(".tmp.npy"), chunk)
         path.with_suffix(".tmp.npy").rename(path)
         probabilities[rows] = chunk
-    _LOG.info("teacher soft labels: %d texts (%d scored now, %.1f rows/s)", len(texts),
-              progress.done, progress.rate)
+    _LOG.info("teacher soft labels: %d texts (%d from the cache, %d scored at %.1f rows/s)",
+              len(texts), len(texts) - progress.done, progress.done, progress.rate)
     return probabilities
 
 
@@ -130,6 +130,12 @@ def logits_of(probabilities: np.ndarray, calibration: dict) -> np.ndarray:
     z = calibration["temperature"] * (np.log(np.maximum(probabilities, 1e-30))
                                       - np.asarray(calibration["bias"]))
     return z - z.mean(axis=1, keepdims=True)
+
+
+_ROLES = {data.TWEETS.name: "training texts (the train split)",
+          data.REVIEWS.name: "training texts",
+          data.OOD_TWEETS.name: "unlabelled texts (tweets rated 'Irrelevant'; the rated ones "
+                                "stay the out-of-domain evaluation)"}
 
 
 def write(path: Path, texts: dict[str, list[str]], probabilities: np.ndarray,
@@ -143,7 +149,6 @@ def write(path: Path, texts: dict[str, list[str]], probabilities: np.ndarray,
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(path, keys=keys, probabilities=probabilities.astype(np.float16),
                         logits=logits_of(probabilities, card["calibration"]).astype(np.float16))
-    sources = {s["package"]: s for s in card["data"]["sources"]}
     provenance = {
         "file": path.name,
         "sha256": data.sha256_of(path),
@@ -165,9 +170,8 @@ def write(path: Path, texts: dict[str, list[str]], probabilities: np.ndarray,
                      "(VADER, TextBlob, AFINN, ...) and the texts they bundle",
         },
         "sources": [{"package": p.name, "version": p.version, "sha256": p.sha256,
-                     "role": sources.get(p.name, {}).get("role", "unlabelled texts")}
-                    for p in (data.TWEETS, data.REVIEWS, data.OOD_TWEETS)
-                    if p.name in texts],
+                     "role": _ROLES[p.name]}
+                    for p in (data.TWEETS, data.REVIEWS, data.OOD_TWEETS) if p.name in texts],
         "teacher": {k: card.get(k) for k in ("base_model", "encoder", "build_key",
                                              "training_build_key", "calibration",
                                              "evaluation", "serving", "throughput",
