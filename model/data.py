@@ -15,6 +15,9 @@ Three labelled sources, each from a different package and collection:
   games and brands rated negative, neutral, positive (or irrelevant, dropped).
   Never trained on: it is the out-of-domain set, split by tweet into a
   validation part (epoch choice and calibration) and a test part (reported).
+  Its tweets rated 'Irrelevant' belong to neither part; their text (not their
+  rating) is among what the MPNet teacher labels for distillation
+  (``load_ood_unlabelled``, ``model/teacher.py``).
 
 Sentiment-lexicon packages (VADER, TextBlob, AFINN, ...) and the rated texts
 they bundle are deliberately not used anywhere: the product is a learned model.
