@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import logging
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +14,10 @@ from pipeline.options import SAMPLE_TWEETS
 
 def log_progress() -> None:
     """Progress on stderr (stdout's last line is the JSON); the libraries' chatter off."""
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(name)s: %(message)s")
-    for noisy in ("apache_beam", "absl", "tensorflow"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from pipeline.quiet import quiet_tensorflow, setup_logging
+
+    setup_logging()
+    quiet_tensorflow()
 
 
 def model_dir_of(path: str) -> str:

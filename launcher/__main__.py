@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 
 USAGE = """usage: python -m launcher COMMAND [flags]
@@ -12,6 +11,9 @@ USAGE = """usage: python -m launcher COMMAND [flags]
   fetch-crd  [--force]                       cache the Flink operator's FlinkDeployment
                                              CRD (Maven Central, once; manifest tests)
   flink      [pipeline flags] --flink_master HOST:PORT|[local] [...]   run on Flink
+  flink-cluster up|status|down|savepoint [...]   a local Flink cluster of separate
+                                             processes (JobManager, TaskManagers, job
+                                             server, SDK worker pool) on 127.0.0.1
   dataflow   [pipeline flags] --project P --region R --temp_location gs://... [...]
 
 `python -m launcher COMMAND --help` lists each command's flags."""
@@ -19,10 +21,11 @@ USAGE = """usage: python -m launcher COMMAND [flags]
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("apache_beam", "absl", "tensorflow", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from pipeline.quiet import log_level_from, quiet_tensorflow, setup_logging
+
+    setup_logging(log_level_from(argv))
+    if argv and argv[0] in ("flink", "dataflow"):  # they build the job, which imports it
+        quiet_tensorflow()
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
@@ -49,11 +52,15 @@ def main(argv: list[str] | None = None) -> int:
             from launcher import flink
 
             return flink.main(rest)
+        if command == "flink-cluster":
+            from launcher import flink_cluster
+
+            return flink_cluster.main(rest)
         if command == "dataflow":
             from launcher import dataflow
 
             return dataflow.main(rest)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, RuntimeError, TimeoutError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(USAGE, file=sys.stderr)

@@ -82,16 +82,18 @@ class LocalExpansionService(_JavaServer):
 
 
 class LocalFlinkJobServer(_JavaServer):
-    """Beam's Flink job server with an embedded Flink, bound to 127.0.0.1."""
+    """Beam's Flink job server, bound to 127.0.0.1: with an embedded Flink
+    (``[local]``), or submitting to the cluster at ``flink_master``."""
 
     name = "flink-job-server"
 
-    def __init__(self, jar, port=None):
+    def __init__(self, jar, flink_master: str = "[local]", port=None):
         super().__init__(jar, port)
+        self.flink_master = flink_master
         self.artifact_port = free_port()
 
     def args(self) -> list[str]:
-        return ["-jar", self.jar, "--flink-master=[local]", "--job-host=127.0.0.1",
+        return ["-jar", self.jar, f"--flink-master={self.flink_master}", "--job-host=127.0.0.1",
                 f"--job-port={self.port}", f"--artifact-port={self.artifact_port}",
                 "--expansion-port=0"]
 

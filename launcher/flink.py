@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -28,6 +29,7 @@ from apache_beam.runners.runner import PipelineState
 from launcher import jars
 from launcher.common import NOOP_CREDENTIALS, SETUP_FILE, describe, launcher_parser
 from launcher.expansion import GCP_EXPANSION_TARGET, LocalExpansionService
+from launcher.flink_rest import FlinkRest
 
 _LOG = logging.getLogger(__name__)
 DEFAULT_CHECKPOINTING_INTERVAL_MS = 10_000
@@ -61,7 +63,9 @@ def parser():
                    help="where the Java part of the Pub/Sub read runs (EMBEDDED: inside the "
                         "Flink JVM; no Docker needed)")
     p.add_argument("--detach", action="store_true",
-                   help="exit once the job runs (default when --job_endpoint is given)")
+                   help="exit once the job runs on the cluster (it keeps running); without "
+                        "it, Ctrl-C or SIGTERM cancels the job and waits until Flink says "
+                        "CANCELED")
     return p
 
 
@@ -98,9 +102,30 @@ class FlinkLaunch:
                                      jars.expansion_service_jar(flags.flink_version))
             launch.job_server_jar, launch.expansion_jar = str(job_server), str(expansion)
         else:
-            launch.flags.detach = True
             launch.expansion_jar = str(jars.expansion_service_jar(flags.flink_version))
+        if not _has_flag(rest, "--job_name"):
+            # Flink knows the job by this name: the launcher finds it through
+            # Flink's REST API to cancel it (flink_rest.py).
+            launch.pipeline_flags = [*rest, f"--job_name=bertstream-{time.strftime('%Y%m%d-%H%M%S')}"
+                                     f"-{uuid.uuid4().hex[:6]}"]
         return launch
+
+    @property
+    def job_name(self) -> str:
+        """``--job_name``, as given or as ``parse`` made it."""
+        name = ""
+        for i, arg in enumerate(self.pipeline_flags):
+            if arg.startswith("--job_name="):
+                name = arg.split("=", 1)[1]
+            elif arg == "--job_name" and i + 1 < len(self.pipeline_flags):
+                name = self.pipeline_flags[i + 1]
+        return name
+
+    @property
+    def rest(self) -> FlinkRest | None:
+        """Flink's REST API at ``--flink_master``, for a cluster (not ``[local]``)."""
+        master = self.flags.flink_master
+        return None if master.startswith("[") else FlinkRest(master)
 
     @property
     def reads_pubsub_xlang(self) -> bool:
@@ -163,9 +188,33 @@ class RunningJob:
     servers: dict = field(default_factory=dict)
     # The state the runner reported when the job was cancelled on exit.
     final_state: str | None = None
+    # On a cluster: Flink's REST API and the job's name there.
+    rest: FlinkRest | None = None
+    job_name: str | None = None
+
+    def flink_job(self, timeout_s: float = 30.0) -> dict | None:
+        """The job as Flink's REST API shows it (``id``, ``state``), once it appears."""
+        if self.rest is None:
+            return None
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = self.rest.job_named(self.job_name)
+            if found or time.monotonic() > deadline:
+                return found
+            time.sleep(0.5)
 
     def cancel(self, timeout_s: float = 60.0) -> str:
-        """Cancels the job and waits until Flink says it ended; returns the state."""
+        """Cancels the job and waits until Flink says it ended; returns the state.
+
+        On a cluster Flink is asked directly: Beam's job server only stops
+        waiting for a remote job it is told to cancel (flink_rest.py)."""
+        if self.rest is not None:
+            found = self.flink_job(timeout_s=5)
+            if found is not None:
+                state = self.rest.cancel(found["id"], timeout_s)
+                with contextlib.suppress(RuntimeError, NotImplementedError, ValueError):
+                    self.result.cancel()  # the job server's own record of it
+                return state
         if self.result.state not in _TERMINAL:
             try:
                 self.result.cancel()
@@ -182,10 +231,13 @@ def flink_job(argv: list[str]) -> Iterator[RunningJob]:
     """Submits the job (not waiting for it) and cancels it on exit; the Java
     servers this launcher started are stopped after.
 
-    Locally (``[local]``, no ``--job_endpoint``) the job server and the
-    expansion service start side by side while the pipeline is built.
-    Tests and the benchmark use this; ``main`` waits in it until Ctrl-C or
-    SIGTERM.
+    Without ``--job_endpoint`` the launcher starts Beam's Flink job server
+    itself (an embedded Flink for ``[local]``, else submitting to the
+    cluster at ``--flink_master``) and, for ``[local]``, the SDK worker pool;
+    the JVMs start side by side while the pipeline is built. With
+    ``--job_endpoint`` (a cluster's own job server, as in Kubernetes or
+    ``python -m launcher flink-cluster``) it starts nothing. Tests and the
+    benchmark use this; ``main`` waits in it until Ctrl-C or SIGTERM.
     """
     import apache_beam as beam
 
@@ -210,8 +262,8 @@ def flink_job(argv: list[str]) -> Iterator[RunningJob]:
         if launch.local_workers:
             workers = LocalWorkerPool()
             servers.append(workers)
-        if launch.job_server_jar and launch.flags.flink_master == "[local]":
-            job_server = LocalFlinkJobServer(launch.job_server_jar)
+        if launch.job_server_jar:
+            job_server = LocalFlinkJobServer(launch.job_server_jar, launch.flags.flink_master)
             servers.append(job_server)
         for server in servers:
             stack.callback(server.stop)
@@ -229,8 +281,9 @@ def flink_job(argv: list[str]) -> Iterator[RunningJob]:
         pipeline = beam.Pipeline(options=make_options(pipeline_argv))
         result, _ = run(pipeline_argv, test_pipeline=pipeline)
         job = RunningJob(result, pipeline_argv, time.monotonic() - started,
-                         {server.name: server for server in servers})
-        _LOG.info("submitted in %.1fs, state %s", job.submitted_s, result.state)
+                         {server.name: server for server in servers}, rest=launch.rest,
+                         job_name=launch.job_name)
+        _LOG.info("submitted %s in %.1fs, state %s", job.job_name, job.submitted_s, result.state)
         try:
             yield job
         finally:
@@ -254,7 +307,10 @@ def main(argv: list[str]) -> int:
 
     with flink_job(argv) as job:
         if launch.flags.detach:
-            print(json.dumps({"job_id": job.result.job_id(), "state": job.result.state}))
+            found = job.flink_job()
+            print(json.dumps({"job_name": job.job_name, "state": str(job.result.state),
+                              "flink_job_id": found["id"] if found else None,
+                              "flink_state": found["state"] if found else None}))
             return 0
         wait_or_cancel(job.result)
     return 0

@@ -37,9 +37,10 @@ POM = JAVA_DIR / "pom.xml"
 BEAM_JAVA_VERSION = re.search(r"<beam.version>([^<]+)</beam.version>", POM.read_text()).group(1)
 FLINK_VERSIONS = ("1.19",)
 DEFAULT_FLINK_VERSION = "1.19"
-JOB_SERVER_MAIN = "org.apache.beam.runners.flink.FlinkJobServerDriver"
+# Beam's FlinkJobServerDriver with one flag of ours (java/BertstreamFlinkJobServer.java).
+JOB_SERVER_MAIN = "BertstreamFlinkJobServer"
 EXPANSION_MAIN = "LoopbackExpansionService"
-_JAVA_SOURCE = JAVA_DIR / f"{EXPANSION_MAIN}.java"
+_JAVA_SOURCES = (JAVA_DIR / f"{JOB_SERVER_MAIN}.java", JAVA_DIR / f"{EXPANSION_MAIN}.java")
 MAVEN_HINT = "mvn and a JDK (javac) are needed: sudo apt-get install -y maven openjdk-17-jdk-headless"
 # The Flink Kubernetes Operator's FlinkDeployment CRD, which the manifest tests
 # validate k8s/ against. It ships in the operator's API jar on Maven Central;
@@ -74,10 +75,26 @@ def _ready_text(flink_version: str) -> str:
     return f"beam-java {BEAM_JAVA_VERSION} flink {flink_version}\n{POM.read_text()}"
 
 
+def _launchers_text() -> str:
+    return "".join(p.read_text() for p in _JAVA_SOURCES)
+
+
+def _is_current(marker: Path, text: str) -> bool:
+    return marker.exists() and marker.read_text() == text
+
+
 def is_fetched(flink_version: str = DEFAULT_FLINK_VERSION) -> bool:
-    """Whether the cache holds the jars of today's pom.xml."""
-    ready = jars_dir(flink_version) / "READY"
-    return ready.exists() and ready.read_text() == _ready_text(flink_version)
+    """Whether the cache holds the jars of today's pom.xml, and launcher jars
+    built from today's Java sources."""
+    target = jars_dir(flink_version)
+    return (_is_current(target / "READY", _ready_text(flink_version))
+            and _is_current(target / "LAUNCHERS", _launchers_text()))
+
+
+def lib_dir(flink_version: str = DEFAULT_FLINK_VERSION) -> Path:
+    """The class path of the job server, the expansion service and the local
+    Flink cluster (``launcher/flink_cluster.py``)."""
+    return jars_dir(flink_version) / "lib"
 
 
 def require(flink_version: str = DEFAULT_FLINK_VERSION) -> tuple[Path, Path]:
@@ -121,8 +138,9 @@ def write_launcher_jar(path: Path, main_class: str, lib: Path,
 
 
 def fetch(flink_version: str = DEFAULT_FLINK_VERSION, force: bool = False) -> Path:
-    """Fetches the jars once (Maven), compiles the expansion service's main and
-    writes the launcher jars. Returns the directory; quick when already done."""
+    """Fetches the jars once (Maven), compiles the project's two Java mains and
+    writes the launcher jars. Returns the directory; quick when already done
+    (a changed Java source recompiles in seconds, without Maven)."""
     if flink_version not in FLINK_VERSIONS:
         raise ValueError(f"--flink_version must be one of {', '.join(FLINK_VERSIONS)}")
     target = jars_dir(flink_version)
@@ -133,22 +151,25 @@ def fetch(flink_version: str = DEFAULT_FLINK_VERSION, force: bool = False) -> Pa
         if shutil.which(tool) is None:
             raise FileNotFoundError(f"`{tool}` is not installed: {MAVEN_HINT}")
     target.mkdir(parents=True, exist_ok=True)
-    (target / "READY").unlink(missing_ok=True)
-    lib = target / "lib"
-    shutil.rmtree(lib, ignore_errors=True)
-    _LOG.info("resolving Beam Java %s for Flink %s with Maven (about 215 MB, once)",
-              BEAM_JAVA_VERSION, flink_version)
-    subprocess.run(["mvn", "-B", "-q", "-f", str(POM), "dependency:copy-dependencies",
-                    f"-Dflink.version={flink_version}", f"-DoutputDirectory={lib}",
-                    "-DincludeScope=runtime"], check=True)
+    lib = lib_dir(flink_version)
+    if force or not _is_current(target / "READY", _ready_text(flink_version)):
+        (target / "READY").unlink(missing_ok=True)
+        shutil.rmtree(lib, ignore_errors=True)
+        _LOG.info("resolving Beam Java %s for Flink %s with Maven (about 215 MB, once)",
+                  BEAM_JAVA_VERSION, flink_version)
+        subprocess.run(["mvn", "-B", "-q", "-f", str(POM), "dependency:copy-dependencies",
+                        f"-Dflink.version={flink_version}", f"-DoutputDirectory={lib}",
+                        "-DincludeScope=runtime"], check=True)
+        (target / "READY").write_text(_ready_text(flink_version))
+    (target / "LAUNCHERS").unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(prefix="bertstream-javac-") as classes:
-        subprocess.run(["javac", "-cp", f"{lib}/*", "-d", classes, str(_JAVA_SOURCE)],
-                       check=True)
+        subprocess.run(["javac", "-cp", f"{lib}/*", "-d", classes,
+                        *map(str, _JAVA_SOURCES)], check=True)
         compiled = {p.relative_to(classes).as_posix(): p.read_bytes()
                     for p in Path(classes).rglob("*.class")}
-    write_launcher_jar(job_server_jar(flink_version), JOB_SERVER_MAIN, lib)
+    write_launcher_jar(job_server_jar(flink_version), JOB_SERVER_MAIN, lib, compiled)
     write_launcher_jar(expansion_service_jar(flink_version), EXPANSION_MAIN, lib, compiled)
-    (target / "READY").write_text(_ready_text(flink_version))
+    (target / "LAUNCHERS").write_text(_launchers_text())
     _LOG.info("jars ready in %s", target)
     return target
 

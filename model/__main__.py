@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def _positive(value: str) -> int:
@@ -90,6 +88,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m model",
                                 description="Build, evaluate and query the BERT sentiment "
                                             "SavedModel.")
+    p.add_argument("--log-level", "--log_level", dest="log_level", default="info",
+                   choices=("debug", "info", "warning"),
+                   help="debug also shows TensorFlow's start-up lines")
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("build", help="fine-tune and export a SavedModel (cached)",
@@ -142,7 +143,11 @@ def _build_config(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from pipeline.quiet import log_level_from, quiet_tensorflow, setup_logging
+
+    argv = sys.argv[1:] if argv is None else argv
+    setup_logging(log_level_from(argv))
+    quiet_tensorflow()  # before the parser, whose defaults come from model.build
     args = parser().parse_args(argv)
     if args.command in ("build", "teacher"):
         from model.build import build

@@ -598,7 +598,7 @@ def _card(cfg, encoder_package, train_rows, source_rows, evals, best_epoch, temp
 
 
 # Bump when the serving graph (model/fused.py) or its export changes.
-SERVING_RECIPE = 4
+SERVING_RECIPE = 5
 
 
 def serving_key(cfg: BuildConfig, precision: str) -> str:

@@ -63,12 +63,18 @@ class SentimentModule(tf.Module):
         """Token ids, padding mask and segment ids, padded to the longest row."""
         ids = self.tokenizer(normalize_text(text))
         ids = tf.cast(ids[:, : self.max_length - 2], tf.int32)
-        rows = ids.nrows()
-        cls = tf.RaggedTensor.from_tensor(tf.fill([rows, 1], tf.constant(self.cls_id, tf.int32)))
-        sep = tf.RaggedTensor.from_tensor(tf.fill([rows, 1], tf.constant(self.sep_id, tf.int32)))
-        ids = tf.concat([cls, ids, sep], axis=1)
-        token_ids = ids.to_tensor(default_value=self.pad_id)
-        mask = tf.sequence_mask(ids.row_lengths(), maxlen=tf.shape(token_ids)[1])
+        lengths = tf.cast(ids.row_lengths(), tf.int32)
+        body = ids.to_tensor(default_value=self.pad_id)
+        rows = tf.shape(body)[0]
+        # [CLS] body [SEP], padded: built densely, since a ragged concat
+        # transposes int64 row splits, which oneDNN logs an error-looking line
+        # about at every first call ("oneDNN supports DT_INT64 only ...").
+        token_ids = tf.concat([tf.fill([rows, 1], tf.constant(self.cls_id, tf.int32)), body,
+                               tf.fill([rows, 1], tf.constant(self.pad_id, tf.int32))], axis=1)
+        positions = tf.range(tf.shape(token_ids)[1])[tf.newaxis, :]
+        token_ids = tf.where(positions == (lengths + 1)[:, tf.newaxis],
+                             tf.constant(self.sep_id, tf.int32), token_ids)
+        mask = positions < (lengths + 2)[:, tf.newaxis]
         return {"token_ids": token_ids, "padding_mask": mask,
                 "segment_ids": tf.zeros_like(token_ids)}
 

@@ -3,7 +3,6 @@ sure Redis answers, run, summarize."""
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
 
@@ -22,10 +21,11 @@ def reading_line(options) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("apache_beam", "absl", "tensorflow", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     argv = sys.argv[1:] if argv is None else argv
+    from pipeline.quiet import log_level_from, quiet_tensorflow, setup_logging
+
+    setup_logging(log_level_from(argv))
+    quiet_tensorflow()
 
     import apache_beam as beam
 

@@ -67,6 +67,11 @@ class BertstreamOptions(PipelineOptions):
                          help="DirectRunner only: threads that run bundles (Beam's executor "
                               "has 1), so that the model runs while other tweets are parsed "
                               "and written")
+        src.add_argument("--pubsub_emulator_host",
+                         default=os.environ.get("PUBSUB_EMULATOR_HOST") or None,
+                         help="HOST:PORT of the Pub/Sub emulator, for the job's workers "
+                              "wherever they run (default: PUBSUB_EMULATOR_HOST where the job "
+                              "is submitted)")
         src.add_argument("--pubsub_lease_seconds", type=int, default=DEFAULT_LEASE_SECONDS,
                          help="where the job acknowledges messages itself (all runners but "
                               "Dataflow and --pubsub_read=xlang): how long a pulled "
@@ -119,6 +124,9 @@ class BertstreamOptions(PipelineOptions):
         inf.add_argument("--tfserving_ca_file", default=None,
                          help="CA bundle for --tfserving_tls (default: system roots)")
 
+        parser.add_argument("--log_level", choices=("debug", "info", "warning"), default="info",
+                            help="debug also shows the libraries' start-up lines "
+                                 "(TensorFlow's, Beam's)")
         out = parser.add_argument_group("Redis")
         out.add_argument("--redis_url", default=_REDIS.url,
                          help="redis:// or rediss:// URL; with a user and no password, "

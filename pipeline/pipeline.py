@@ -88,7 +88,8 @@ class ReadTweets(beam.PTransform):
                     | "ReadLines" >> beam.FlatMap(read_lines).with_output_types(Envelope))
         if self._profile.pubsub_read == runners.PULL:
             return p | "PullPubSub" >> PullFromPubSub(
-                self._subscription, lease_seconds=o.pubsub_lease_seconds)
+                self._subscription, lease_seconds=o.pubsub_lease_seconds,
+                emulator_host=o.pubsub_emulator_host)
         if self._profile.pubsub_read == runners.XLANG:
             from apache_beam.io.external.gcp.pubsub import ReadFromPubSub as XlangRead
 
@@ -174,7 +175,7 @@ def build(p: beam.Pipeline, o: BertstreamOptions, handler=None) -> Outputs:
           for name, pc in (("ResultAcks", written.acks), ("DeadLetterAcks", dead_written),
                            ("SkippedAcks", deduped.skipped))]
          | "AllEnds" >> beam.Flatten()
-         | "AcknowledgeMessages" >> AcknowledgeMessages(subscription))
+         | "AcknowledgeMessages" >> AcknowledgeMessages(subscription, o.pubsub_emulator_host))
     return Outputs(results, dead)
 
 

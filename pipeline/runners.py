@@ -40,6 +40,32 @@ FLINK_MAX_BUNDLE_SIZE = 1000
 FLINK_MAX_BUNDLE_TIME_MS = 250
 
 
+class FlinkJavaOptions(PipelineOptions):
+    """Options of Beam's Java Flink runner (``FlinkPipelineOptions``) that the
+    Python SDK does not declare. The job server reads them from the options
+    the job is submitted with (``checkpointing_interval`` arrives as Java's
+    ``checkpointingInterval``); declared here so that they parse as the
+    runner's own, without "Unparseable argument" warnings."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        group = parser.add_argument_group("Flink (Beam's Java runner options)")
+        group.add_argument("--max_bundle_size", type=int, default=None,
+                           help="Flink: elements per bundle (the job's batches are cut "
+                                "from bundles)")
+        group.add_argument("--max_bundle_time_mills", type=int, default=None,
+                           help="Flink: milliseconds a bundle stays open at most")
+        group.add_argument("--checkpointing_interval", type=int, default=None,
+                           help="Flink: milliseconds between checkpoints")
+        group.add_argument("--finish_bundle_before_checkpointing", action="store_true",
+                           default=None, help="Flink: finish bundles before a checkpoint")
+        group.add_argument("--savepoint_path", default=None,
+                           help="Flink: start from this savepoint or retained checkpoint")
+        group.add_argument("--allow_non_restored_state", action="store_true", default=None,
+                           help="Flink: start from a savepoint that holds state no step of "
+                                "this job claims")
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("BERTSTREAM_CACHE", Path.home() / ".cache" / "bertstream"))
 

@@ -41,6 +41,10 @@ def serve(host: str, port: int, preload: tuple[str, ...] = ()) -> None:
     _LOG.info("SDK worker pool listening on %s:%d", host, bound)
     # Imported while the runner starts the job: a worker's first bundle would
     # otherwise wait for TensorFlow (seconds) before its first result.
+    if "tensorflow" in preload:
+        from pipeline.quiet import quiet_tensorflow
+
+        quiet_tensorflow()
     for module in preload:
         started = time.monotonic()
         importlib.import_module(module)
@@ -85,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preload", default="",
                    help="comma-separated modules to import once listening (e.g. tensorflow)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pipeline.quiet import setup_logging
+
+    setup_logging(os.environ.get("BERTSTREAM_LOG_LEVEL", "info"))
     serve(args.host, args.port, tuple(m for m in args.preload.split(",") if m))
     return 0
 

@@ -15,9 +15,9 @@ import time
 
 import apache_beam as beam
 import pytest
+import redis
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
-import redis
 
 from pipeline.local_servers import LocalPubSubEmulator, free_port
 from pipeline.pipeline import build, make_options, read_lines, run

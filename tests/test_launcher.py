@@ -46,14 +46,14 @@ def test_flink_dry_run_resolves_every_flag_without_secrets(tmp_path, tiny_model_
     # The launcher's own worker pool on 127.0.0.1 (LOOPBACK would bind every interface).
     assert options["environment_type"] == "EXTERNAL"
     assert options["environment_config"].startswith("127.0.0.1:")
-    assert options["checkpointing_interval"] == "10000"  # on by default
+    assert options["checkpointing_interval"] == 10000  # on by default
     # A barrier never strands a finished bundle's output (launcher/flink.py).
     assert options["finish_bundle_before_checkpointing"] is True
     assert options["flink_job_server_jar"].endswith("job-server-2.70.0.jar")
     assert options["redis_url"] == "redis://bertstream:***@redis:6379/0"
     # Pub/Sub through the job's own pull source: no expansion service.
     assert not options.get("beam_services") and out["expansion_service_jar"] is None
-    assert options["max_bundle_time_mills"] == "250"  # batches are cut from bundles
+    assert options["max_bundle_time_mills"] == 250  # batches are cut from bundles
 
 
 @pytest.mark.timeout(120)
@@ -75,10 +75,10 @@ def test_flink_dry_run_for_a_cluster_stages_the_setup_file(tiny_model_dir):
                     f"--model_dir={tiny_model_dir}", "--max_bundle_time_mills=1000")
     assert done.returncode == 0, done.stderr
     options = json.loads(done.stdout)["options"]
-    assert options["max_bundle_time_mills"] == "1000"  # given: kept
+    assert options["max_bundle_time_mills"] == 1000  # given: kept
     assert options["setup_file"] == str(ROOT / "setup.py")
     assert options["parallelism"] == 4
-    assert options["checkpointing_interval"] == "60000"
+    assert options["checkpointing_interval"] == 60000
     assert options["environment_config"] == "localhost:50000"
 
 

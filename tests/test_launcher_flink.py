@@ -12,15 +12,14 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from launcher import jars
+from tests.streams import publish, result_ids, sample_messages, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
-SAMPLE = ROOT / "pipeline" / "data" / "sample_tweets.jsonl"
 
 pytestmark = [pytest.mark.flink, pytest.mark.slow, pytest.mark.integration]
 
@@ -30,54 +29,6 @@ def flink_jars():
     if not jars.is_fetched():
         pytest.fail(f"the Flink job server is not in {jars.jars_dir()}: run `make jars` "
                     "(python -m launcher fetch-jars; Maven Central)")
-
-
-def sample_messages(n: int, offset: int = 0) -> list[tuple[bytes, dict[str, str]]]:
-    """``n`` distinct good tweets as Pub/Sub ``(data, attributes)``, stamped now
-    (event time = publish time, so windows close as the watermark follows)."""
-    from ingest.message import BadTweet, format_time, to_message
-
-    out, seen = [], set()
-    now = format_time(datetime.now(UTC))
-    for i, line in enumerate(SAMPLE.read_bytes().splitlines() * 20):
-        try:
-            tweet = json.loads(line)
-            if not isinstance(tweet, dict):
-                continue
-            tweet["id"] = str(10**18 + offset + i)
-            message = to_message(tweet)
-        except (ValueError, BadTweet):
-            continue
-        if message.tweet_id in seen:
-            continue
-        seen.add(message.tweet_id)
-        out.append((message.data, {"tweet_id": message.tweet_id, "event_ts": now}))
-        if len(out) == n:
-            break
-    assert len(out) == n
-    return out
-
-
-def publish(topic: str, messages: list[tuple[bytes, dict[str, str]]]) -> None:
-    from google.cloud import pubsub_v1
-
-    publisher = pubsub_v1.PublisherClient()
-    for future in [publisher.publish(topic, data, **attrs) for data, attrs in messages]:
-        future.result(timeout=30)
-
-
-def wait_for(predicate, timeout_s: float, what: str, every: float = 0.5):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-
-
-def result_ids(client) -> list[str]:
-    return [fields[b"tweet_id"].decode() for _, fields in client.xrange("sentiment:results")]
 
 
 def _log_errors(path: Path) -> list[str]:
@@ -163,8 +114,8 @@ def test_flink_job_killed_mid_stream_then_restarted_loses_and_doubles_nothing(
     first = _launcher(argv, tmp_path / "first.log")
     second = None
     try:
-        wait_for(lambda: "submitted in" in (tmp_path / "first.log").read_text(), 180,
-                 "the first job to be submitted")
+        wait_for(lambda: "launcher.flink: submitted " in (tmp_path / "first.log").read_text(),
+                 180, "the first job to be submitted")
         publish(pubsub_names["topic"], messages)
         wait_for(lambda: client.xlen("sentiment:results") >= 1, 180, "a first result",
                  every=0.05)

@@ -50,7 +50,7 @@ def test_a_new_version_takes_over_and_a_broken_one_is_refused(
     import redis
 
     from pipeline.pipeline import build, make_options
-    from tests.test_launcher_flink import publish, wait_for
+    from tests.streams import publish, wait_for
 
     base = tmp_path / "bert_sentiment"
     base.mkdir()

@@ -48,7 +48,7 @@ def test_streaming_on_prism_scores_acknowledges_and_stops_cleanly(pubsub_names, 
     import redis
     from google.cloud import pubsub_v1
 
-    from tests.test_launcher_flink import publish, result_ids, sample_messages, wait_for
+    from tests.streams import publish, result_ids, sample_messages, wait_for
 
     good = sample_messages(60, offset=3 * 10**6)
     now = good[0][1]["event_ts"]

@@ -104,15 +104,32 @@ class _Endless(RestrictionProvider):
         return None  # on drain: stop pulling
 
 
+def subscriber_client(emulator_host: str | None = None):
+    """A Pub/Sub subscriber client: Google's, or the emulator's at
+    ``emulator_host`` (``HOST:PORT``, plain gRPC, no credentials)."""
+    from google.cloud import pubsub_v1
+
+    if not emulator_host:
+        return pubsub_v1.SubscriberClient()
+    import grpc
+    from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
+
+    return pubsub_v1.SubscriberClient(
+        transport=SubscriberGrpcTransport(channel=grpc.insecure_channel(emulator_host)))
+
+
 class _SubscriberFn(beam.DoFn):
-    """A DoFn with a Pub/Sub subscriber client for its lifetime."""
+    """A DoFn with a Pub/Sub subscriber client for its lifetime.
+
+    ``emulator_host`` travels with the job (``--pubsub_emulator_host``): the
+    SDK workers of a cluster do not share the submitter's environment, so
+    ``PUBSUB_EMULATOR_HOST`` there may be unset or another's."""
 
     _client = None
+    _emulator_host: str | None = None
 
     def setup(self):
-        from google.cloud import pubsub_v1
-
-        self._client = pubsub_v1.SubscriberClient()
+        self._client = subscriber_client(self._emulator_host)
 
     def teardown(self):
         if self._client is not None:
@@ -121,7 +138,9 @@ class _SubscriberFn(beam.DoFn):
 
 class _PullFn(_SubscriberFn):
     def __init__(self, max_messages: int, poll_seconds: float, lease_seconds: int,
-                 idle_slack_seconds: float, drain_seconds: float = 0.5):
+                 idle_slack_seconds: float, drain_seconds: float = 0.5,
+                 emulator_host: str | None = None):
+        self._emulator_host = emulator_host
         self._max_messages = max_messages
         self._poll_seconds = poll_seconds
         self._lease_seconds = lease_seconds
@@ -220,17 +239,19 @@ class PullFromPubSub(beam.PTransform):
       lease_seconds: the ack deadline each pulled message gets.
       idle_slack_seconds: how far behind now the watermark stays while idle.
       drain_seconds: how long one call keeps pulling while messages wait.
+      emulator_host: the Pub/Sub emulator's ``HOST:PORT``, or None for Google's.
     """
 
     def __init__(self, subscription: str, max_messages: int = 1000,
                  poll_seconds: float = 1.0, lease_seconds: int = DEFAULT_LEASE_SECONDS,
-                 idle_slack_seconds: float = 1.0, drain_seconds: float = 0.5):
+                 idle_slack_seconds: float = 1.0, drain_seconds: float = 0.5,
+                 emulator_host: str | None = None):
         super().__init__()
         if not 10 <= lease_seconds <= MAX_LEASE_SECONDS:
             raise ValueError(f"lease_seconds must be 10..{MAX_LEASE_SECONDS}")
         self._subscription = subscription
         self._fn = _PullFn(max_messages, poll_seconds, lease_seconds, idle_slack_seconds,
-                           drain_seconds)
+                           drain_seconds, emulator_host)
 
     def expand(self, begin):
         return (begin
@@ -260,8 +281,9 @@ def subscription_for_topic(topic: str) -> str:
 
 
 class _AckFn(_SubscriberFn):
-    def __init__(self, subscription: str):
+    def __init__(self, subscription: str, emulator_host: str | None = None):
         self._subscription = subscription
+        self._emulator_host = emulator_host
         self._acked = Metrics.counter("AcknowledgeMessages", "acknowledged")
         self._failed = Metrics.counter("AcknowledgeMessages", "failed")
 
@@ -297,9 +319,10 @@ class AcknowledgeMessages(beam.PTransform):
     """Acknowledges the Pub/Sub messages behind a PCollection of ack ids
     (empty ids, from files or self-acknowledging sources, are skipped)."""
 
-    def __init__(self, subscription: str):
+    def __init__(self, subscription: str, emulator_host: str | None = None):
         super().__init__()
         self._subscription = subscription
+        self._emulator_host = emulator_host
 
     def expand(self, ack_ids):
-        return ack_ids | beam.ParDo(_AckFn(self._subscription))
+        return ack_ids | beam.ParDo(_AckFn(self._subscription, self._emulator_host))

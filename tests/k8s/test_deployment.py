@@ -515,7 +515,7 @@ PROGRAM_WRITES = {
     "sh": [],  # what its script redirects to, and a redis-server's dir
 }
 # Images whose entrypoint runs when the manifest gives no command.
-IMAGE_PROGRAMS = {"apache/beam_flink1.19_job_server": "java"}
+IMAGE_PROGRAMS = {"bertstream/flink-jobserver": "java"}
 # Flags whose value is a directory the program writes.
 WRITING_FLAGS = ("--artifacts-dir", "--data-dir")
 WRITABLE_VOLUMES = {"emptyDir", "persistentVolumeClaim", "ephemeral"}

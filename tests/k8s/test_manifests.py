@@ -373,8 +373,7 @@ def test_flink_beam_and_serving_versions_agree(overlay):
     minor = minor.group(1)
     assert flink["spec"]["flinkVersion"] == "v" + minor.replace(".", "_")
     images = dict(all_images(objs))
-    jobserver = images["Deployment/flink-jobserver/jobserver"]
-    assert jobserver == f"apache/beam_flink{minor}_job_server:2.77.0"
+    assert images["Deployment/flink-jobserver/jobserver"] == "bertstream/flink-jobserver:0.1.0"
     submit = one(objs, "Job", "pipeline-submit")["spec"]["template"]["spec"]["containers"][0]
     assert flag(submit, "flink_version") == minor
     assert images["Deployment/tfserving/tfserving"] == "tensorflow/serving:2.19.1"
@@ -714,8 +713,31 @@ def test_no_secret_files_are_tracked():
 DOCKERFILES = sorted((K8S / "images").glob("*/Dockerfile"))
 
 
-def test_the_three_images_exist():
-    assert {d.parent.name for d in DOCKERFILES} == {"pipeline", "ingester", "model"}
+def test_the_four_images_exist():
+    assert {d.parent.name for d in DOCKERFILES} == {"pipeline", "ingester", "model", "jobserver"}
+
+
+def test_the_cluster_runs_the_job_server_the_tests_run(overlay):
+    """The job server Deployment runs k8s/images/jobserver: the Beam Java modules of
+    launcher/java/pom.xml (the class path `python -m launcher fetch-jars` caches and
+    tests/test_flink_cluster.py runs), started by the same main, next to a Flink of
+    the version that class path holds."""
+    from launcher import jars
+
+    _, objs = overlay
+    dockerfile = (K8S / "images" / "jobserver" / "Dockerfile").read_text()
+    assert "COPY launcher/java/ ./" in dockerfile
+    assert "-f pom.xml dependency:copy-dependencies -Dflink.version=1.19" in dockerfile
+    assert f"{jars.JOB_SERVER_MAIN}.java" in dockerfile
+    assert dockerfile.rstrip().endswith(f'"{jars.JOB_SERVER_MAIN}"]')
+    (flink,) = by_kind(objs, "FlinkDeployment")
+    if jars.is_fetched():
+        runtime = [p.name for p in jars.lib_dir().glob("flink-runtime-*.jar")]
+        assert runtime == [f"flink-runtime-{flink['spec']['image'].split(':')[1][:-7]}.jar"]
+    container = one(objs, "Deployment", "flink-jobserver")["spec"]["template"]["spec"][
+        "containers"][0]
+    assert "command" not in container  # the image's entrypoint: the main above
+    assert "--no-classpath-staging" not in container["args"]  # the Flink image lacks Beam
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda d: d.parent.name)
@@ -735,8 +757,10 @@ def test_dockerfile_is_pinned_non_root_and_copies_what_exists(dockerfile: Path):
         for line in dockerfile.read_text().splitlines()
         if not line.lstrip().startswith("#")
     ]
-    (base,) = [line.split()[1] for line in lines if line.upper().startswith("FROM ")]
-    assert ":" in base and not base.endswith(":latest"), f"unpinned base image {base}"
+    bases = [line.split()[1] for line in lines if line.upper().startswith("FROM ")]
+    assert bases, "no FROM"
+    for base in bases:  # every stage's
+        assert ":" in base and not base.endswith(":latest"), f"unpinned base image {base}"
     users = [line.split()[1] for line in lines if line.upper().startswith("USER ")]
     assert users and users[-1].split(":")[0] not in {"0", "root"}, "the last USER is root"
     assert not [line for line in lines if line.upper().startswith("ADD ")], "use COPY"
