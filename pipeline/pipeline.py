@@ -87,9 +87,12 @@ class ReadTweets(beam.PTransform):
             return (p | "InputFile" >> beam.Create([o.input_file or str(SAMPLE_TWEETS)])
                     | "ReadLines" >> beam.FlatMap(read_lines).with_output_types(Envelope))
         if self._profile.pubsub_read == runners.PULL:
-            return p | "PullPubSub" >> PullFromPubSub(
+            pulled = p | "PullPubSub" >> PullFromPubSub(
                 self._subscription, lease_seconds=o.pubsub_lease_seconds,
                 emulator_host=o.pubsub_emulator_host)
+            if self._profile.rebalance_after_read:
+                pulled = pulled | "Rebalance" >> beam.Reshuffle()
+            return pulled
         if self._profile.pubsub_read == runners.XLANG:
             from apache_beam.io.external.gcp.pubsub import ReadFromPubSub as XlangRead
 

@@ -37,7 +37,7 @@ PULL, XLANG, NATIVE, DIRECT = "pull", "xlang", "native", "direct"
 # Flink closes a bundle after this many elements or milliseconds; the job's
 # inference batches are cut from bundles (transforms/inference.py).
 FLINK_MAX_BUNDLE_SIZE = 1000
-FLINK_MAX_BUNDLE_TIME_MS = 250
+FLINK_MAX_BUNDLE_TIME_MS = 100
 
 
 class FlinkJavaOptions(PipelineOptions):
@@ -104,6 +104,10 @@ class RunnerProfile:
     dedupe: str = PER_ID
     # Beam's native read: the attribute Dataflow dedupes messages by.
     id_label: str | None = None
+    # Hand what the pull source reads to the next steps through the runner
+    # (Flink: a rebalance), so that pulling runs in a stage of its own, beside
+    # inference, instead of waiting for each bundle's inference to end.
+    rebalance_after_read: bool = False
 
     @property
     def acknowledges_in_graph(self) -> bool:
@@ -184,7 +188,7 @@ def profile_for(options: PipelineOptions, is_pubsub: bool, parallelism: int = 1,
         profile = RunnerProfile(runner, NATIVE, late_shards=16, id_label="tweet_id")
     elif "flink" in lowered:
         profile = RunnerProfile("FlinkRunner", PULL, late_shards=max(1, 2 * parallelism),
-                                dedupe=IN_REDIS)
+                                dedupe=IN_REDIS, rebalance_after_read=True)
     elif "prism" in lowered:
         profile = RunnerProfile("PrismRunner", PULL, dedupe=IN_REDIS)
     elif "direct" in lowered and is_pubsub and direct_optimizations == "on":

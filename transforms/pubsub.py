@@ -45,6 +45,9 @@ MAX_ACK_IDS_PER_CALL = 1000  # Pub/Sub's limit per Acknowledge / ModifyAckDeadli
 DEFAULT_LEASE_SECONDS = 60
 MAX_LEASE_SECONDS = 600
 IDLE_PAUSE_SECONDS = 0.25
+# A pull that returns fewer messages than this drained what was waiting (the
+# emulator returns at most 100 per pull, Pub/Sub a few hundred).
+FULL_PULL = 100
 _ENDLESS = 2**62
 
 
@@ -177,6 +180,9 @@ class _PullFn(_SubscriberFn):
             if not received:
                 break
             total += len(received)
+            # A short pull means nothing more waits: emit now rather than wait
+            # out drain_seconds (a live stream's latency).
+            drained = len(received) < FULL_PULL
             now = time.time()
             self._extend(subscription, [r.ack_id for r in received])
             for item in received:
@@ -191,6 +197,8 @@ class _PullFn(_SubscriberFn):
                 yield beam.window.TimestampedValue(
                     envelope(message.message_id, message.data, message.attributes,
                              item.ack_id, published, subscription), seconds)
+            if drained:
+                break
         self._pulled.inc(total)
         candidate = Timestamp.of(min(oldest, time.time()))
         current = watermark.current_watermark()
