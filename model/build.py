@@ -415,7 +415,14 @@ def train(cfg: BuildConfig, export_dir: Path) -> tuple[dict, SentimentModule]:
     _LOG.info("training in %s", TRAIN_DTYPES[cfg.train_precision])
     labels_path = write_labels(export_dir.parent / "labels.txt")
     module = SentimentModule(classifier, tokenizer, cfg.max_length, 1.0, labels_path)
-    features_fn = tf.function(module.features, reduce_retracing=True)
+    # Plain functions over the module rather than tf.function(module.method):
+    # a full MPNet teacher run (2 epochs of 36k rows) called the features
+    # function from logits_fn after the first epoch, which small runs never
+    # showed; closures leave TensorFlow no bound method to mistake.
+    @tf.function(reduce_retracing=True)
+    def features_fn(text):
+        return module.features(text)
+
 
     def featurize(rows: list[data.Row], batches: list[np.ndarray]):
         texts = np.array([r.text for r in rows], dtype=object)
@@ -445,7 +452,10 @@ def train(cfg: BuildConfig, export_dir: Path) -> tuple[dict, SentimentModule]:
         jit_compile=False)
 
     # A graph, not eager calls: scoring ~17k rows is a fifth of the build otherwise.
-    logits_fn = tf.function(module.logits, reduce_retracing=True)
+    @tf.function(reduce_retracing=True)
+    def logits_fn(features):
+        return module.logits(features)
+
 
     def eval_logits(rows: list[data.Row], name: str) -> np.ndarray:
         out = []

@@ -87,12 +87,9 @@ class ReadTweets(beam.PTransform):
             return (p | "InputFile" >> beam.Create([o.input_file or str(SAMPLE_TWEETS)])
                     | "ReadLines" >> beam.FlatMap(read_lines).with_output_types(Envelope))
         if self._profile.pubsub_read == runners.PULL:
-            pulled = p | "PullPubSub" >> PullFromPubSub(
+            return p | "PullPubSub" >> PullFromPubSub(
                 self._subscription, lease_seconds=o.pubsub_lease_seconds,
                 emulator_host=o.pubsub_emulator_host)
-            if self._profile.rebalance_after_read:
-                pulled = pulled | "Rebalance" >> beam.Reshuffle()
-            return pulled
         if self._profile.pubsub_read == runners.XLANG:
             from apache_beam.io.external.gcp.pubsub import ReadFromPubSub as XlangRead
 
@@ -156,12 +153,20 @@ def build(p: beam.Pipeline, o: BertstreamOptions, handler=None) -> Outputs:
         shards=runners.DEDUPE_SHARDS if profile.dedupe == runners.SHARDED else 0,
         redis_config=o.redis_config() if profile.dedupe == runners.IN_REDIS else None,
         claim_seconds=o.pubsub_lease_seconds // 2)
-    scored, inference_dead = deduped.tweets | "RunSentiment" >> RunSentiment(
-        handler or model_handler(o), o.max_batch_size, TokenCounter.for_model(o.model_dir))
-    # Windows after inference: batches form in processing time, whatever the
-    # event-time density; each result lands in the window of its event time.
-    results = scored | "WindowByEventTime" >> WindowByEventTime(
-        o.window_seconds, o.allowed_lateness_seconds, profile.late_shards)
+    by_event_time = WindowByEventTime(o.window_seconds, o.allowed_lateness_seconds,
+                                      profile.late_shards)
+    score = RunSentiment(handler or model_handler(o), o.max_batch_size,
+                         TokenCounter.for_model(o.model_dir))
+    # Batches form in processing time, across windows, whatever the event-time
+    # density (RunSentiment batches in the global window); each result carries
+    # the window of its event time, marked before or after inference as the
+    # runner profile says.
+    if profile.windows_before_inference:
+        windowed = deduped.tweets | "WindowByEventTime" >> by_event_time
+        results, inference_dead = windowed | "RunSentiment" >> score
+    else:
+        scored, inference_dead = deduped.tweets | "RunSentiment" >> score
+        results = scored | "WindowByEventTime" >> by_event_time
     written = results | "WriteToRedis" >> WriteToRedis(o.redis_config())
     # Dead letters come from differently windowed stages; the sink ignores windows.
     dead = ([pc | f"{name}Global" >> beam.WindowInto(window.GlobalWindows())
