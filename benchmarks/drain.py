@@ -33,7 +33,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -158,7 +157,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     common.log_progress()
 
-    from pipeline.local_servers import LocalPubSubEmulator, LocalRedis
+    from pipeline.local_servers import LocalPubSubEmulator, LocalRedis, run_logs
 
     model_dir = common.model_dir_of(args.model_dir)
     texts = common.varied_texts()
@@ -167,7 +166,7 @@ def main(argv=None) -> int:
               "load_average_at_start": os.getloadavg()[0],
               "model_only_tps": round(throughput.model_only(model_dir, texts[:1000]), 1),
               "setups": {}}
-    logs = Path(tempfile.mkdtemp(prefix="bertstream-drain-"))
+    logs = run_logs("bench-drain")
     _LOG.info("job logs in %s", logs)
     for name in args.setups.split(","):
         with LocalRedis() as server, LocalPubSubEmulator() as emulator, \
@@ -181,7 +180,7 @@ def main(argv=None) -> int:
                            "--parallelism=1", *job]
             else:
                 taskmanagers = int(name.split("-")[1])
-                cluster_dir = Path(tempfile.mkdtemp(prefix="bertstream-bench-cluster-"))
+                cluster_dir = logs / f"cluster-{taskmanagers}"
                 up = subprocess.run(
                     [sys.executable, "-m", "launcher", "flink-cluster", "up", "--taskmanagers",
                      str(taskmanagers), "--cluster_dir", str(cluster_dir)],

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import threading
 from pathlib import Path
 
@@ -97,9 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--loop", action="store_true",
                    help="start over at the end, shifting created_at and ids so the pipeline "
                         "sees new tweets; stop with Ctrl-C or SIGTERM")
-    r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bar on stderr (default: when stderr is a terminal); off a "
-                        "terminal, a log line every 10 s")
+    r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="progress on stderr: a bar redrawn in place on a terminal, a log line "
+                        "every 10 s elsewhere (default: on)")
     r.add_argument("--publish-bad", action="store_true",
                    help="publish lines that are not valid tweets too, as they are (with a "
                         "tweet_id attribute where one can be read, and the event time of "
@@ -195,7 +194,7 @@ def _replay(args: argparse.Namespace, stop: threading.Event) -> Totals:
         raise ValueError("--topic is required")
     if args.speed < 0:
         raise ValueError(f"--speed must be 0 (as fast as possible) or positive, got {args.speed}")
-    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    progress = args.progress
     return replay(args.file, check_topic_path(args.topic), speed=args.speed, loop=args.loop,
                   settings=_settings(args), create_topic=args.create_topic,
                   progress=progress, stop=stop, publish_bad=args.publish_bad)

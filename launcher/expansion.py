@@ -23,10 +23,8 @@ start side by side.
 import logging
 import os
 import subprocess
-import tempfile
-from pathlib import Path
 
-from pipeline.local_servers import _LoggedServer, die_with_parent, free_port
+from pipeline.local_servers import _LoggedServer, die_with_parent, free_port, run_logs
 from pipeline.pipeline import ReadTweets
 
 _LOG = logging.getLogger(__name__)
@@ -41,7 +39,7 @@ class _JavaServer(_LoggedServer):
     def __init__(self, jar, port=None):
         self.jar = str(jar)
         self.port = port or free_port()
-        self.log_path = Path(tempfile.mkdtemp(prefix=f"bertstream-{self.name}-")) / "server.log"
+        self.log_path = run_logs(self.name) / "server.log"
 
     ready_timeout = 120.0
 

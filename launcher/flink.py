@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,7 +28,7 @@ from apache_beam.options.pipeline_options import FlinkRunnerOptions
 from apache_beam.runners.runner import PipelineState
 
 from launcher import jars
-from launcher.common import NOOP_CREDENTIALS, SETUP_FILE, describe, launcher_parser
+from launcher.common import NOOP_CREDENTIALS, SETUP_FILE, describe, launcher_parser, redact
 from launcher.expansion import GCP_EXPANSION_TARGET, LocalExpansionService
 from launcher.flink_rest import FlinkRest
 
@@ -303,8 +304,22 @@ def main(argv: list[str]) -> int:
             "java_environment_type": launch.flags.java_environment_type})
         print(json.dumps(resolved, indent=2, sort_keys=True))
         return 0
-    from pipeline.pipeline import wait_or_cancel
+    from pipeline import summary
+    from pipeline.__main__ import reading_line
+    from pipeline.pipeline import make_options, wait_or_cancel
 
+    options = make_options(launch.argv())
+    config = options.redis_config()
+    before = None
+    if not launch.flags.detach:
+        import redis
+
+        try:
+            before = summary.Snapshot.take(config._replace(retries=1))
+        except redis.RedisError as err:
+            _LOG.info("no summary at the end: Redis at --redis_url does not answer here (%s)",
+                      err)
+    started = time.monotonic()
     with flink_job(argv) as job:
         if launch.flags.detach:
             found = job.flink_job()
@@ -312,5 +327,12 @@ def main(argv: list[str]) -> int:
                               "flink_job_id": found["id"] if found else None,
                               "flink_state": found["state"] if found else None}))
             return 0
-        wait_or_cancel(job.result)
-    return 0
+        if options.is_pubsub:
+            print(reading_line(options), file=sys.stderr, flush=True)
+        wait_or_cancel(job.result, summary.idle_stop(options, config) if before else None)
+    if before is None:
+        return 0
+    totals = summary.collect(job.result, time.monotonic() - started, before, config)
+    print(summary.render(totals, redact(config.url), config, f"redis-cli -u {redact(config.url)}",
+                         options.input_file))
+    return summary.exit_code(totals)

@@ -31,7 +31,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline import checks, summary
     from pipeline.pipeline import make_options, profile_of, run, wait_or_cancel
-    from transforms.redis_sink import read_stats
 
     try:
         options = make_options(argv)
@@ -42,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with ensure_redis(options) as redis_info:
             config = options.redis_config()._replace(url=redis_info.url)
-            before = read_stats(config)
+            before = summary.Snapshot.take(config)
             with profile_of(options).local_workers(argv) as worker_flags:
                 job_options = make_options(redis_info.argv(argv) + worker_flags)
                 started = time.monotonic()
@@ -51,19 +50,18 @@ def main(argv: list[str] | None = None) -> int:
                                 test_pipeline=beam.Pipeline(options=job_options))
                 if job_options.is_pubsub:
                     print(reading_line(job_options), file=sys.stderr, flush=True)
-                wait_or_cancel(result)
+                wait_or_cancel(result, summary.idle_stop(job_options, config))
                 seconds = time.monotonic() - started
-            totals = summary.collect(result, seconds, before, read_stats(config))
-            text = summary.render(totals, redis_info.display_url,
-                                  options.redis_stream, options.redis_channel,
-                                  options.redis_deadletter_stream, redis_info.cli)
+            totals = summary.collect(result, seconds, before, config)
+            text = summary.render(totals, redis_info.display_url, config, redis_info.cli,
+                                  options.input_file)
         print(text)
         if redis_info.note:
             print(redis_info.note)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return summary.exit_code(totals)
 
 
 if __name__ == "__main__":

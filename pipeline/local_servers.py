@@ -27,6 +27,21 @@ EMULATOR_HINT = (
 )
 
 
+KEEP_RUN_LOGS = 30
+
+
+def run_logs(name: str) -> Path:
+    """A new directory for one run's server logs, under the cache's ``logs/``
+    (one place, pruned to the newest KEEP_RUN_LOGS), instead of a temporary
+    directory per run left behind in /tmp."""
+    root = Path(os.environ.get("BERTSTREAM_CACHE", Path.home() / ".cache" / "bertstream")) / "logs"
+    root.mkdir(parents=True, exist_ok=True)
+    runs = sorted(root.iterdir(), key=lambda p: p.stat().st_mtime)
+    for old in runs[:max(0, len(runs) - KEEP_RUN_LOGS + 1)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-", dir=root))
+
+
 def free_port() -> int:
     """Returns a TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as s:

@@ -72,6 +72,10 @@ class BertstreamOptions(PipelineOptions):
                          help="HOST:PORT of the Pub/Sub emulator, for the job's workers "
                               "wherever they run (default: PUBSUB_EMULATOR_HOST where the job "
                               "is submitted)")
+        src.add_argument("--stop_after_idle_seconds", type=float, default=0,
+                         help="streaming: stop the job, with its summary, once no new input "
+                              "has ended in Redis for this long after the first (the end of a "
+                              "replay); 0: run until Ctrl-C or SIGTERM")
         src.add_argument("--pubsub_lease_seconds", type=int, default=DEFAULT_LEASE_SECONDS,
                          help="where the job acknowledges messages itself (all runners but "
                               "Dataflow and --pubsub_read=xlang): how long a pulled "
@@ -179,6 +183,8 @@ class BertstreamOptions(PipelineOptions):
             raise ValueError("--max_batch_size must be at least 1")
         if self.allowed_lateness_seconds < 0:
             raise ValueError("--allowed_lateness_seconds must not be negative")
+        if self.stop_after_idle_seconds < 0:
+            raise ValueError("--stop_after_idle_seconds must not be negative")
         if self.model_reload_seconds < 0:
             raise ValueError("--model_reload_seconds must not be negative")
         if self.direct_threads < 1:

@@ -181,7 +181,8 @@ def build(p: beam.Pipeline, o: BertstreamOptions, handler=None) -> Outputs:
         # acknowledged only now: a job killed before loses nothing.
         ([pc | f"{name}Global" >> beam.WindowInto(window.GlobalWindows())
           for name, pc in (("ResultAcks", written.acks), ("DeadLetterAcks", dead_written),
-                           ("SkippedAcks", deduped.skipped))]
+                           ("SkippedAcks", deduped.skipped),
+                           ("AlreadyWrittenAcks", deduped.already_written))]
          | "AllEnds" >> beam.Flatten()
          | "AcknowledgeMessages" >> AcknowledgeMessages(subscription, o.pubsub_emulator_host))
     return Outputs(results, dead)
@@ -222,8 +223,9 @@ def run(argv: Optional[list[str]] = None, test_pipeline: Optional[beam.Pipeline]
     return result, time.monotonic() - started
 
 
-def wait_or_cancel(result, cancel_timeout_s: float = 60.0) -> None:
-    """Waits for the job to end; on SIGINT or SIGTERM, cancels it and waits
+def wait_or_cancel(result, idle=None, cancel_timeout_s: float = 60.0) -> None:
+    """Waits for the job to end; on SIGINT or SIGTERM, or once ``idle()`` (a
+    check made every second) says the input has run dry, cancels it and waits
     for the runner to say it ended.
 
     Beam's portable runners stop their job server on SIGINT before the
@@ -249,8 +251,14 @@ def wait_or_cancel(result, cancel_timeout_s: float = 60.0) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             handlers[sig] = signal.signal(sig, lambda signum, frame: stop.set())
     threading.Thread(target=wait, name="bertstream-wait", daemon=True).start()
+    checked = time.monotonic()
     try:
         while not finished.wait(0.2):
+            if idle is not None and time.monotonic() - checked >= 1.0:
+                checked = time.monotonic()
+                if idle():
+                    _LOG.info("no new input for %.0f s: stopping", idle.seconds)
+                    stop.set()
             if stop.is_set():
                 _LOG.info("stopping: cancelling the job")
                 try:

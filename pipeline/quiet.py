@@ -32,6 +32,13 @@ _BENIGN_NATIVE = re.compile("|".join([
 # Beam 2.77 logs this at each RunInference set-up when PyTorch is absent (its
 # import of `resource` sits in the same try block as a torch-only module).
 _BENIGN_LOGS = ("Resource module is not available for current platform",)
+# Logged at WARNING or ERROR, and routine: shown at INFO. Beam's subprocess
+# server announces every service it starts and stops (Prism's job service);
+# Prism calls the reshuffle placeholder of beam.Create an empty transform, and
+# names the bundle a cancel ends a failed one.
+_ROUTINE_LOGS = ("Really starting service at", "Really destroying service at",
+                 "empty transform, with payload and identical input and output",
+                 "error='pipeline canceled'")
 _done = False
 
 
@@ -82,7 +89,12 @@ def quiet_tensorflow() -> None:
 
 class _DropBenign(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not any(text in str(record.msg) for text in _BENIGN_LOGS)
+        message = str(record.msg)
+        if any(text in message for text in _BENIGN_LOGS):
+            return False
+        if record.levelno >= logging.WARNING and any(t in message for t in _ROUTINE_LOGS):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
 
 
 def setup_logging(level: str = "info") -> None:

@@ -18,14 +18,49 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
+import threading
 import time
 from concurrent import futures
 from pathlib import Path
 
-from pipeline.local_servers import _LoggedServer, die_with_parent, free_port
+from pipeline.local_servers import _LoggedServer, die_with_parent, free_port, run_logs
 
 _LOG = logging.getLogger(__name__)
+
+
+def _runner_hung_up(error: BaseException | None) -> bool:
+    """A gRPC stream the runner ended (CANCELLED): how every job's end reaches
+    its SDK workers, not a failure."""
+    import grpc
+
+    return isinstance(error, grpc.RpcError) and getattr(error, "code", lambda: None)() == \
+        grpc.StatusCode.CANCELLED
+
+
+class _JobEndsQuietly(logging.Filter):
+    """The SDK harness logs each stream the runner closes at a job's end as an
+    ERROR with a traceback; here it is one INFO line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and _runner_hung_up(record.exc_info[1]):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = f"{record.getMessage()} (the runner ended the job)", None
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def _quiet_thread_ends() -> None:
+    """The same for the harness threads that die of such a stream's end."""
+    default = threading.excepthook
+
+    def hook(args):
+        if _runner_hung_up(args.exc_value):
+            _LOG.info("%s ended: the runner closed its stream",
+                      args.thread.name if args.thread else "a thread")
+            return
+        default(args)
+
+    threading.excepthook = hook
 
 
 def serve(host: str, port: int, preload: tuple[str, ...] = ()) -> None:
@@ -33,6 +68,9 @@ def serve(host: str, port: int, preload: tuple[str, ...] = ()) -> None:
     from apache_beam.portability.api import beam_fn_api_pb2_grpc
     from apache_beam.runners.worker.worker_pool_main import BeamFnExternalWorkerPoolServicer
 
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_JobEndsQuietly())
+    _quiet_thread_ends()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     beam_fn_api_pb2_grpc.add_BeamFnExternalWorkerPoolServicer_to_server(
         BeamFnExternalWorkerPoolServicer(use_process=False), server)
@@ -65,7 +103,7 @@ class LocalWorkerPool(_LoggedServer):
     def __init__(self, port: int | None = None, preload: tuple[str, ...] = JOB_MODULES):
         self.port = port or free_port()
         self.preload = tuple(preload)
-        self.log_path = Path(tempfile.mkdtemp(prefix="bertstream-workers-")) / "workers.log"
+        self.log_path = run_logs("workers") / "workers.log"
 
     def flags(self) -> list[str]:
         return ["--environment_type=EXTERNAL", f"--environment_config={self.address}"]

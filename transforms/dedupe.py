@@ -70,6 +70,9 @@ from transforms.redis_sink import BufferedRedisFn, RedisConfig
 
 DEFAULT_TTL_SECONDS = 600
 SKIPPED = "skipped"
+# Tweets whose result was already in Redis (an earlier run scored them): ended
+# like a skipped copy, but counted by the claim script as the sink counts them.
+ALREADY = "already_written"
 # Source ids of tweets re-published from the dead letter start with this
 # (``replay:<dead-letter entry id>/pubsub:<message id>``): a replay is a new
 # attempt at a tweet whose first attempt failed after this step had already
@@ -171,11 +174,15 @@ class _FirstPerIdShardedFn(beam.DoFn):
             armed.clear()
 
 
-# KEYS: the sink's result key for the id, the claim key. ARGV: claim TTL s.
-# 1: the first copy (claimed now); 0: a copy (its result is in Redis, or an
-# earlier copy holds the claim).
+# KEYS: the sink's result key for the id, the claim key, the stats hash.
+# ARGV: claim TTL s. 1: the first copy (claimed now); 0: a copy (an earlier
+# copy holds the claim); 2: its result is already in Redis (counted, as the
+# sink counts what it finds already written).
 _CLAIM = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HINCRBY', KEYS[3], 'already_written', 1)
+  return 2
+end
 if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[1]) then return 1 end
 return 0
 """
@@ -194,17 +201,21 @@ class _FirstPerIdInRedisFn(BufferedRedisFn):
     def __init__(self, config: RedisConfig, claim_seconds: int):
         super().__init__(config)
         self._claim_seconds = max(1, int(claim_seconds))
+        self._already = Metrics.counter(self.namespace, "already_written")
         self._unique = Metrics.counter(self.namespace, "unique")
         self._duplicates = Metrics.counter(self.namespace, "duplicates_skipped")
 
     def script_call(self, tweet: Tweet):
-        return ([self._config.dedupe_prefix + tweet.tweet_id, CLAIM_PREFIX + dedupe_key(tweet)],
-                [self._claim_seconds])
+        return ([self._config.dedupe_prefix + tweet.tweet_id, CLAIM_PREFIX + dedupe_key(tweet),
+                 self._config.stats_key], [self._claim_seconds])
 
-    def on_reply(self, tweet: Tweet, first):
-        if first:
+    def on_reply(self, tweet: Tweet, reply):
+        if reply == 1:
             self._unique.inc()
             return [tweet]
+        if reply == 2:
+            self._already.inc()
+            return [beam.pvalue.TaggedOutput(ALREADY, tweet.ack_id)]
         self._duplicates.inc()
         return [beam.pvalue.TaggedOutput(SKIPPED, tweet.ack_id)]
 
@@ -226,7 +237,10 @@ class DedupeByTweetId(beam.PTransform):
         half the Pub/Sub lease.
 
     Returns:
-      A tuple of outputs: ``tweets`` and ``skipped`` (the skipped copies' ack ids).
+      A tuple of outputs: ``tweets``, ``skipped`` (the skipped copies' ack ids)
+      and ``already_written`` (the ack ids of tweets whose result the Redis
+      layout found already written; empty in the other layouts, where the sink
+      finds them).
     """
 
     def __init__(self, ttl_seconds: float = DEFAULT_TTL_SECONDS, shards: int = 0,
@@ -244,11 +258,11 @@ class DedupeByTweetId(beam.PTransform):
                         tuple[str, Tweet])
                     | "GroupById" >> beam.GroupByKey()
                     | "FirstPerId" >> beam.ParDo(_FirstOfGroupFn()).with_output_types(
-                        Tweet).with_outputs(SKIPPED, main="tweets"))
+                        Tweet).with_outputs(SKIPPED, ALREADY, main="tweets"))
         if self._redis is not None:
             return tweets | "FirstPerIdInRedis" >> beam.ParDo(
                 _FirstPerIdInRedisFn(self._redis, self._claim_seconds)).with_output_types(
-                    Tweet).with_outputs(SKIPPED, main="tweets")
+                    Tweet).with_outputs(SKIPPED, ALREADY, main="tweets")
         shards = self._shards
         if shards:
             keyed = tweets | "KeyByShard" >> beam.Map(
@@ -260,4 +274,4 @@ class DedupeByTweetId(beam.PTransform):
                 lambda t: (dedupe_key(t), t)).with_output_types(tuple[str, Tweet])
             fn = _FirstPerIdFn(self._ttl)
         return keyed | "FirstPerId" >> beam.ParDo(fn).with_output_types(Tweet).with_outputs(
-            SKIPPED, main="tweets")
+            SKIPPED, ALREADY, main="tweets")

@@ -352,17 +352,36 @@ def read_stats(config: RedisConfig) -> dict[str, int]:
 
 
 def check_connection(config: RedisConfig) -> None:
-    """Fails fast, naming the flag, when Redis refuses us at start-up."""
+    """Fails fast, naming the flag, when Redis refuses us at start-up; while
+    nothing answers, tries ``config.retries`` times more, saying so each time.
+
+    Raises:
+      ValueError: Redis answered and refused (authentication, ACL).
+      redis.ConnectionError, redis.TimeoutError: nothing answered.
+    """
     import redis
 
-    client = connect(config)
-    try:
-        client.ping()
-    except redis.AuthenticationError as err:
-        raise ValueError(f"--redis_url {redacted(config.url)}: authentication failed ({err}); "
-                         "check the user and password (or REDIS_PASSWORD)") from None
-    except redis.ResponseError as err:
-        raise ValueError(f"--redis_url {redacted(config.url)}: {err}") from None
-    finally:
-        client.close()
+    attempts, delay = config.retries + 1, config.backoff_seconds
+    for attempt in range(1, attempts + 1):
+        client = connect(config._replace(retries=0))
+        try:
+            client.ping()
+            return
+        except redis.AuthenticationError as err:
+            raise ValueError(f"--redis_url {redacted(config.url)}: authentication failed "
+                             f"({err}); check the user and password (or REDIS_PASSWORD)") from None
+        except redis.ResponseError as err:
+            raise ValueError(f"--redis_url {redacted(config.url)}: {err}") from None
+        except (redis.ConnectionError, redis.TimeoutError) as err:
+            if attempt == attempts:
+                raise
+            _LOG.info("waiting for Redis at %s (%s): attempt %d of %d failed, next in %.1fs",
+                      redacted(config.url), err, attempt, attempts, delay)
+            time.sleep(delay)
+            delay *= 2
+        except redis.RedisError as err:  # it answered, not as Redis does
+            raise ValueError(f"--redis_url {redacted(config.url)}: {type(err).__name__}: "
+                             f"{err}") from None
+        finally:
+            client.close()
 
