@@ -330,9 +330,10 @@ def main(argv: list[str]) -> int:
         if options.is_pubsub:
             print(reading_line(options), file=sys.stderr, flush=True)
         wait_or_cancel(job.result, summary.idle_stop(options, config) if before else None)
-    if before is None:
-        return 0
-    totals = summary.collect(job.result, time.monotonic() - started, before, config)
+        if before is None:
+            return 0
+        # While the job server that holds the job's metrics still runs.
+        totals = summary.collect(job.result, time.monotonic() - started, before, config)
     print(summary.render(totals, redact(config.url), config, f"redis-cli -u {redact(config.url)}",
                          options.input_file))
     return summary.exit_code(totals)

@@ -67,11 +67,13 @@ def _counter(metrics, namespace: str, name: str) -> int:
 def _batches(result, written: int) -> tuple:
     """(mean, max, padding efficiency) of the batches, or Nones when the
     runner's metrics do not cover every tweet written."""
+    import grpc
+
     try:
         m = result.metrics()
         found = m.query(MetricsFilter().with_namespace("RunSentiment").with_name("batch_size"))
-    except (NotImplementedError, RuntimeError, ValueError):
-        return None, None, None
+    except (NotImplementedError, RuntimeError, ValueError, grpc.RpcError):
+        return None, None, None  # a job service that keeps none, or is gone
     count = total = biggest = 0
     for d in found["distributions"]:
         value = d.committed or d.attempted

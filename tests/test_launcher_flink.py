@@ -137,6 +137,10 @@ def test_flink_job_killed_mid_stream_then_restarted_loses_and_doubles_nothing(
     assert sorted(ids) == sorted(attrs["tweet_id"] for _, attrs in messages)
     second_log = (tmp_path / "second.log").read_text()
     assert "job ended CANCELLED" in second_log
+    assert "bertstream summary" in second_log  # the same summary as the DirectRunner's
+    # A healthy run of the launcher is quiet: no warning, no traceback, no TensorFlow lines.
+    assert [line for line in second_log.splitlines()
+            if any(n in line for n in ("WARNING", "Traceback", "E0000", "I0000"))] == []
 
 
 @pytest.mark.timeout(360)
