@@ -219,4 +219,6 @@ def _bad(totals: Totals, number: int, reason: str, passes: int, what: str = "ski
     totals.bad += 1
     if passes == 0:  # later passes repeat the same lines; report them once
         totals.bad_lines.append(BadLine(number, reason))
-        _LOG.warning("line %d %s: %s", number, what, reason)
+        # Asked for (--publish-bad): news, not a warning; skipped: the user may act.
+        _LOG.log(logging.INFO if what != "skipped" else logging.WARNING,
+                 "line %d %s: %s", number, what, reason)

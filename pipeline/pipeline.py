@@ -147,6 +147,9 @@ def build(p: beam.Pipeline, o: BertstreamOptions, handler=None) -> Outputs:
     if o.input_topic and profile.acknowledges_in_graph:
         subscription = subscription_for_topic(o.input_topic)
     raw = p | "ReadTweets" >> ReadTweets(o, profile, subscription)
+    # How many inputs came in (per bundle; a retried bundle counts twice): with the
+    # ends the sink counts, it tells when nothing is in flight (--stop_after_idle_seconds).
+    raw | "CountInputs" >> CountInRedis(o.redis_config(), "inputs")
     parsed = raw | "ParseTweets" >> ParseTweets(timestamp_from_created_at=not o.is_pubsub)
     deduped = parsed.tweets | "DedupeByTweetId" >> DedupeByTweetId(
         o.dedupe_ttl_seconds,

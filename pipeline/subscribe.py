@@ -93,14 +93,18 @@ class Printer:
         self.tally.clear()
 
 
-def replay_stream(client, stream: str, printer: Printer, batch: int = 1000) -> int:
-    """Prints everything the stream holds, oldest first; returns how many."""
+def replay_stream(client, stream: str, printer: Printer, batch: int = 1000,
+                  limit: int = 0) -> int:
+    """Prints what the stream holds, oldest first (at most ``limit`` results when
+    it is not 0); returns how many."""
     count, start = 0, "-"
     while True:
         entries = client.xrange(stream, min=start, max="+", count=batch)
         if not entries:
             return count
         for entry_id, fields in entries:
+            if limit and len(printer.seen) >= limit:
+                return count
             if printer.result(fields.get(b"result", b"")) is not None:
                 count += 1
             start = "(" + entry_id.decode()
@@ -138,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.json or args.quiet):
             print(LEGEND, file=sys.stderr, flush=True)
         if args.from_start:
-            replay_stream(client, args.redis_stream, printer)
+            replay_stream(client, args.redis_stream, printer, limit=args.max_results)
         print(f"# following {args.redis_channel} on {redacted(args.redis_url)} "
               f"({dt.datetime.now().strftime('%H:%M:%S')})", file=sys.stderr, flush=True)
         last = time.monotonic()

@@ -162,27 +162,34 @@ def render(summary: Summary, redis_url: str, config: RedisConfig, redis_cli: str
 
 
 class IdleStop:
-    """Says when a streaming job has read nothing new for ``seconds`` after its
-    first input, from the sink's totals in Redis (every input ends there as a
-    result, a duplicate, a tweet already scored or a dead letter): the end of a
-    replay, so a demo stops with its whole summary instead of racing its last
-    message."""
+    """Says when a streaming job has had nothing in flight for ``seconds`` after
+    its first input: every input it read (the ``inputs`` count the graph keeps)
+    has ended in Redis (a result, a duplicate, a tweet already scored or a dead
+    letter), and nothing new came. The end of a replay: a demo stops with its
+    whole summary instead of racing its last message, and not while a slow
+    first batch is still being scored."""
+
+    ENDS = ("results", "already_written", "duplicates_skipped", "dead_letters")
 
     def __init__(self, config: RedisConfig, seconds: float):
         self._config, self.seconds = config, seconds
-        self._base = self._ended(read_stats(config))
+        self._base = self._counts()
         self._last, self._changed = self._base, time.monotonic()
 
-    @staticmethod
-    def _ended(stats: dict) -> int:
-        return sum(stats.get(k, 0) for k in ("results", "already_written",
-                                             "duplicates_skipped", "dead_letters"))
+    def _counts(self) -> tuple[int, int]:
+        stats = read_stats(self._config)
+        return stats.get("inputs", 0), sum(stats.get(k, 0) for k in self.ENDS)
 
     def __call__(self) -> bool:
-        ended = self._ended(read_stats(self._config))
-        if ended != self._last:
-            self._last, self._changed = ended, time.monotonic()
-        return ended > self._base and time.monotonic() - self._changed >= self.seconds
+        now = self._counts()
+        if now != self._last:
+            self._last, self._changed = now, time.monotonic()
+        inputs, ended = now[0] - self._base[0], now[1] - self._base[1]
+        quiet = time.monotonic() - self._changed
+        # The count of inputs is per bundle, so a retried bundle counts twice:
+        # six times as long without any change ends the wait all the same.
+        return inputs > 0 and (inputs <= ended and quiet >= self.seconds
+                               or quiet >= 6 * self.seconds)
 
 
 def idle_stop(options, config: RedisConfig) -> Optional[IdleStop]:
