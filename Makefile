@@ -51,7 +51,7 @@ redis:
 	fi
 
 emulator: venv
-	@$(PY) -c "from pipeline.local_servers import find_pubsub_emulator, EMULATOR_HINT as h; import sys; \
+	@$(PY) -c "from runners.local_servers import find_pubsub_emulator, EMULATOR_HINT as h; import sys; \
 	p = find_pubsub_emulator(); print('Pub/Sub emulator:', p or 'NOT FOUND - ' + h); sys.exit(0 if p else 1)"
 
 model: venv

@@ -14,7 +14,7 @@ from pipeline.options import SAMPLE_TWEETS
 
 def log_progress() -> None:
     """Progress on stderr (stdout's last line is the JSON); the libraries' chatter off."""
-    from pipeline.quiet import quiet_tensorflow, setup_logging
+    from bertstream.logs import quiet_tensorflow, setup_logging
 
     setup_logging()
     quiet_tensorflow()

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ingest.message import BadTweet, parse_json, to_message  # noqa: E402
 from ingest.publish import PublishSettings  # noqa: E402
 from ingest.replay import default_sample, replay  # noqa: E402
-from pipeline.local_servers import LocalPubSubEmulator  # noqa: E402
+from runners.local_servers import LocalPubSubEmulator  # noqa: E402
 
 SETTINGS = {
     "default (100 msgs / 1 MB / 10 ms)": PublishSettings(),

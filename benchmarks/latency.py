@@ -133,7 +133,7 @@ def measure(rate: float, seconds: float, model_dir: str, window: float,
     from google.cloud import pubsub_v1
 
     from benchmarks.throughput import streaming_job
-    from pipeline.local_servers import LocalPubSubEmulator, LocalRedis
+    from runners.local_servers import LocalPubSubEmulator, LocalRedis
 
     texts = common.varied_texts()[:5000]
     with LocalRedis() as server, LocalPubSubEmulator() as emulator:
@@ -201,7 +201,7 @@ def main(argv=None) -> int:
     rate, capacity = args.rate, args.capacity
     if rate is None and capacity is None:
         from benchmarks.throughput import streaming_run
-        from pipeline.local_servers import LocalPubSubEmulator, LocalRedis
+        from runners.local_servers import LocalPubSubEmulator, LocalRedis
 
         _LOG.info("measuring streaming capacity first")
         texts = common.varied_texts()

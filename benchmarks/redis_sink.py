@@ -29,8 +29,9 @@ sys.path.insert(0, str(ROOT))
 def _write(redis_url: str, first: int, count: int) -> None:
     import apache_beam as beam
 
+    from bertstream.config import RedisConfig
     from transforms.records import Result
-    from transforms.redis_sink import RedisConfig, _WriteResultsFn
+    from transforms.redis_sink import _WriteResultsFn
 
     fn = _WriteResultsFn(RedisConfig(url=redis_url))
     fn.setup()
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
     p.add_argument("--results", type=int, default=50_000)
     p.add_argument("--writers", default="1,2,4")
     args = p.parse_args(argv)
-    from pipeline.local_servers import LocalRedis
+    from runners.local_servers import LocalRedis
 
     out = {"results": args.results, "cpus": os.cpu_count(), "runs": []}
     ctx = multiprocessing.get_context("spawn")

@@ -17,7 +17,7 @@ For each runner, on the same tweets (``common.varied_texts``) and model:
   ``backlog_drain_tps``: the backlog from its first result to its last
   (without the runner's start-up: the embedded Flink's JVM and cluster).
 
-Runners: ``direct`` (DirectRunner with pipeline/direct_runner.py),
+Runners: ``direct`` (DirectRunner with runners/direct_runner.py),
 ``direct-off`` (``--direct_optimizations=off``: Beam's DirectRunner as it
 ships), ``prism`` (PrismRunner), ``flink-P`` (embedded Flink at parallelism
 P). The last line of stdout is one JSON object.
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     common.log_progress()
 
-    from pipeline.local_servers import LocalPubSubEmulator, LocalRedis
+    from runners.local_servers import LocalPubSubEmulator, LocalRedis
 
     model_dir = common.model_dir_of(args.model_dir)
     texts = common.varied_texts()[:args.n]

@@ -223,7 +223,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     common.log_progress()
 
-    from pipeline.local_servers import LocalPubSubEmulator, LocalRedis
+    from runners.local_servers import LocalPubSubEmulator, LocalRedis
 
     model_dir = common.model_dir_of(args.model_dir)
     texts = common.varied_texts()

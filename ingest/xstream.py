@@ -16,6 +16,7 @@ reason tweepy cannot be configured around:
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import threading
@@ -71,6 +72,26 @@ class _RedirectAdapter(HTTPAdapter):
         return super().send(request, *args, **kwargs)
 
 
+def check_tweepy_private_api() -> None:
+    """Raises RuntimeError when tweepy's StreamingClient no longer routes
+    ``filter`` and ``sample`` through ``_connect(method, endpoint, **kwargs)``,
+    the private method XStream replaces (module doc). Checked once per XStream."""
+    cls = tweepy.StreamingClient
+    problem = None
+    connect = getattr(cls, "_connect", None)
+    if connect is None:
+        problem = "has no _connect"
+    elif tuple(inspect.signature(connect).parameters) != ("self", "method", "endpoint", "kwargs"):
+        problem = f"_connect{inspect.signature(connect)} changed"
+    elif not all("_connect" in getattr(cls, name).__code__.co_names
+                 for name in ("filter", "sample")):
+        problem = "filter/sample no longer call _connect"
+    if problem:
+        raise RuntimeError(f"tweepy {tweepy.__version__}: StreamingClient {problem}; XStream "
+                           "replaces that private method (ingest/xstream.py). Install the "
+                           "tweepy that constraints.txt pins.")
+
+
 class XStream(tweepy.StreamingClient):
     """A StreamingClient that publishes every streamed tweet to Pub/Sub.
 
@@ -86,6 +107,7 @@ class XStream(tweepy.StreamingClient):
     def __init__(self, bearer_token: str, publisher: TweetPublisher | None = None, *,
                  backoff: Backoff = Backoff(), api_base: str | None = None,
                  max_retries: float = math.inf):
+        check_tweepy_private_api()
         # wait_on_rate_limit: the rules endpoints sleep until x-rate-limit-reset.
         super().__init__(bearer_token, wait_on_rate_limit=True, max_retries=max_retries,
                          daemon=True)

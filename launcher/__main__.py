@@ -21,7 +21,7 @@ USAGE = """usage: python -m launcher COMMAND [flags]
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    from pipeline.quiet import log_level_from, quiet_tensorflow, setup_logging
+    from bertstream.logs import log_level_from, quiet_tensorflow, setup_logging
 
     setup_logging(log_level_from(argv))
     if argv and argv[0] in ("flink", "dataflow"):  # they build the job, which imports it

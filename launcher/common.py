@@ -11,7 +11,7 @@ from typing import Any
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from transforms.contract import redacted
+from bertstream.config import redacted
 
 ROOT = Path(__file__).resolve().parent.parent
 SETUP_FILE = ROOT / "setup.py"

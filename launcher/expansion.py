@@ -24,8 +24,8 @@ import logging
 import os
 import subprocess
 
-from pipeline.local_servers import _LoggedServer, die_with_parent, free_port, run_logs
 from pipeline.pipeline import ReadTweets
+from runners.local_servers import _LoggedServer, die_with_parent, free_port, run_logs
 
 _LOG = logging.getLogger(__name__)
 

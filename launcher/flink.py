@@ -3,7 +3,7 @@
 Locally (``--flink_master=[local]``) this launcher starts, side by side and
 on 127.0.0.1, Beam's Flink job server (an embedded Flink, from the jars
 ``python -m launcher fetch-jars`` cached) and a Python SDK worker pool
-(``pipeline.worker_pool``), submits the job and, on Ctrl-C or SIGTERM,
+(``runners.worker_pool``), submits the job and, on Ctrl-C or SIGTERM,
 cancels it before stopping them by PID. Against a cluster, the SDK workers
 are the worker-pool sidecars (``--environment_type=EXTERNAL
 --environment_config=localhost:50000``). Pub/Sub is read by the job's own
@@ -245,7 +245,7 @@ def flink_job(argv: list[str]) -> Iterator[RunningJob]:
     import launcher.common  # noqa: F401 - registers JavaRuntimeOptions
     from launcher.expansion import LocalFlinkJobServer
     from pipeline.pipeline import make_options, run
-    from pipeline.worker_pool import LocalWorkerPool
+    from runners.worker_pool import LocalWorkerPool
 
     launch = FlinkLaunch.parse(argv)
     if launch.job_server_jar:

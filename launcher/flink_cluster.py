@@ -214,11 +214,11 @@ class Supervisor:
                     "--job-host=127.0.0.1", f"--job-port={s.job_port}",
                     f"--artifact-port={s.artifact_port}", "--expansion-port=0",
                     f"--artifacts-dir={s.path('artifacts')}"]
-        return [sys.executable, "-m", "pipeline.worker_pool", "--host", "127.0.0.1",
+        return [sys.executable, "-m", "runners.worker_pool", "--host", "127.0.0.1",
                 "--port", str(s.workers_port), "--preload", "tensorflow,tensorflow_text"]
 
     def start(self, role: str) -> None:
-        from pipeline.local_servers import die_with_parent
+        from runners.local_servers import die_with_parent
 
         log = self.spec.path("log", f"{role}.log")
         with open(log, "ab") as out:
@@ -242,7 +242,7 @@ class Supervisor:
                 "savepoints": str(s.path("savepoints")), "spec": dataclasses.asdict(s)}
 
     def _is_ready(self) -> bool:
-        from pipeline.local_servers import port_open
+        from runners.local_servers import port_open
 
         try:
             registered = len(self.rest.taskmanagers())
@@ -288,7 +288,7 @@ class Supervisor:
             state_path.unlink(missing_ok=True)
 
     def stop_all(self) -> None:
-        from pipeline.local_servers import stop_process_group
+        from runners.local_servers import stop_process_group
 
         # The job server first (no new submissions), the JobManager last.
         for role in reversed(self.roles()):
@@ -346,7 +346,7 @@ def _parser(command: str) -> argparse.ArgumentParser:
 
 
 def up(argv: list[str]) -> int:
-    from pipeline.local_servers import free_port
+    from runners.local_servers import free_port
 
     p = _parser("up")
     p.description = ("Start a Flink session cluster on 127.0.0.1: a JobManager, N "
@@ -490,7 +490,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":  # the supervisor: python -m launcher.flink_cluster supervise DIR
-    from pipeline.quiet import setup_logging
+    from bertstream.logs import setup_logging
 
     setup_logging(os.environ.get("BERTSTREAM_LOG_LEVEL", "info"))
     if sys.argv[1:2] != ["supervise"] or len(sys.argv) != 3:

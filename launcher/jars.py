@@ -21,7 +21,6 @@ versioned; the tests run that pair. The cache is ``$BERTSTREAM_CACHE`` or
 import hashlib
 import io
 import logging
-import os
 import re
 import shutil
 import subprocess
@@ -29,6 +28,8 @@ import tempfile
 import urllib.request
 import zipfile
 from pathlib import Path
+
+from bertstream.config import cache_dir
 
 _LOG = logging.getLogger(__name__)
 
@@ -51,10 +52,6 @@ _OPERATOR_API_JAR = ("https://repo1.maven.org/maven2/org/apache/flink/"
 _OPERATOR_API_SHA256 = {
     "1.10.0": "b1f44814e17514fa8395c61b329a3ee9087123a5bda5b21fe1a495d5182c30b6"}
 _CRD_NAME = "flinkdeployments.flink.apache.org-v1.yml"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("BERTSTREAM_CACHE", Path.home() / ".cache" / "bertstream"))
 
 
 def jars_dir(flink_version: str = DEFAULT_FLINK_VERSION) -> Path:

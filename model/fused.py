@@ -12,8 +12,7 @@ last layer's rows other than ``[CLS]`` (the classifier reads only the pooled
 ``[CLS]`` vector). The weights are graph constants, so oneDNN lays each one
 out for its kernels once, not on every call. ``tests/test_model.py`` checks
 the result against keras-hub's; ``benchmarks/throughput.py`` reports which
-graph and precision it measured. On MiniLM here: keras-hub's graph 259
-tweets/s, this one 378 in float32 and 837 in bfloat16.
+graph and precision it measured (figures: docs/model.md).
 
 With ``precision="bfloat16"`` the matrix products run in bfloat16 (Intel AMX
 or AVX-512 BF16 on CPUs that have them) while embeddings, residual sums,
@@ -85,6 +84,31 @@ def _gelu_is_approximate(activation) -> bool:
                               < 1e-6))
 
 
+# keras-hub's TransformerEncoder keeps its sublayers in private attributes; the
+# fused graph reads their weights from there (no public accessor exists).
+_ENCODER_PRIVATE = ("_self_attention_layer", "_self_attention_layer_norm",
+                    "_feedforward_layer_norm", "_feedforward_intermediate_dense",
+                    "_feedforward_output_dense")
+_ATTENTION_PRIVATE = ("_query_dense", "_key_dense", "_value_dense", "_output_dense")
+
+
+def check_keras_hub_private_api(layer) -> None:
+    """Raises RuntimeError, naming keras-hub's version, when a transformer layer
+    lacks a private sublayer the fused graph reads (checked for each layer as
+    the graph is built, before any weight is read)."""
+    import keras_hub
+
+    missing = [name for name in _ENCODER_PRIVATE if not hasattr(layer, name)]
+    attention = getattr(layer, "_self_attention_layer", None)
+    if attention is not None:
+        missing += [f"_self_attention_layer.{name}" for name in _ATTENTION_PRIVATE
+                    if not hasattr(attention, name)]
+    if missing:
+        raise RuntimeError(f"keras-hub {keras_hub.__version__}: {type(layer).__name__} has no "
+                           f"{', '.join(missing)}; model/fused.py reads the weights there. "
+                           "Install the keras-hub that constraints.txt pins.")
+
+
 class FusedBertClassifier(tf.Module):
     """A keras-hub ``BertTextClassifier``'s forward pass for inference.
 
@@ -125,6 +149,7 @@ class FusedBertClassifier(tf.Module):
         self.layers = []
         scale = 1.0 / math.sqrt(self.head_dim)
         for layer in backbone.transformer_layers:
+            check_keras_hub_private_api(layer)
             if layer.normalize_first:
                 raise ValueError("only post-norm BERT layers are supported")
             if not _gelu_is_approximate(layer.activation):
@@ -169,7 +194,7 @@ class FusedBertClassifier(tf.Module):
         """Layer norm over the last axis of ``[rows, width]``, written as a
         training-mode FusedBatchNorm over a ``[1, rows, width, 1]`` view (each
         row a channel), as tf.keras 2 wrote it: one kernel instead of the six
-        passes of moments-and-scale (measured: 602 vs 526 tweets/s bf16)."""
+        passes of moments-and-scale, and faster for it (docs/model.md)."""
         gamma, beta, epsilon = weights
         rows, width = tf.shape(x)[0], tf.shape(x)[1]
         normed, _, _ = tf.compat.v1.nn.fused_batch_norm(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 import time
 
-from pipeline.local_redis import ensure_redis
+from runners.local_redis import ensure_redis
 
 STOP_HINT = "Ctrl-C or SIGTERM stops the job and prints the summary"
 
@@ -22,7 +22,7 @@ def reading_line(options) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    from pipeline.quiet import log_level_from, quiet_tensorflow, setup_logging
+    from bertstream.logs import log_level_from, quiet_tensorflow, setup_logging
 
     setup_logging(log_level_from(argv))
     quiet_tensorflow()
@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
             config = options.redis_config()._replace(url=redis_info.url)
             before = summary.Snapshot.take(config)
             with profile_of(options).local_workers(argv) as worker_flags:
-                job_options = make_options(redis_info.argv(argv) + worker_flags)
+                job_options = make_options(argv + worker_flags)
+                job_options.redis_url = redis_info.url  # ours, where we started one
                 started = time.monotonic()
                 # Started here rather than by run() alone, to say when it reads.
                 result, _ = run(options=job_options,

@@ -3,7 +3,7 @@
 Each failure is a ``ValueError`` whose text names the flag to change, so the
 CLI prints one line and exits 2 instead of the runner's tracebacks (a missing
 subscription surfaced as ten of them; missing credentials as a retry loop).
-Redis is checked the same way by ``pipeline.local_redis.ensure_redis``, and
+Redis is checked the same way by ``runners.local_redis.ensure_redis``, and
 TF Serving by its model handler.
 """
 

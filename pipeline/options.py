@@ -6,11 +6,11 @@ from pathlib import Path
 
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from pipeline.direct_runner import DEFAULT_MAX_MESSAGES as DIRECT_MAX_MESSAGES
-from pipeline.direct_runner import DEFAULT_THREADS as DIRECT_THREADS
+from bertstream.config import RedisConfig, TFServingConfig
+from runners.direct_runner import DEFAULT_MAX_MESSAGES as DIRECT_MAX_MESSAGES
+from runners.direct_runner import DEFAULT_THREADS as DIRECT_THREADS
 from transforms.inference import DEFAULT_MAX_BATCH_SIZE
 from transforms.pubsub import DEFAULT_LEASE_SECONDS, MAX_LEASE_SECONDS
-from transforms.redis_sink import RedisConfig
 from transforms.windowing import DEFAULT_ALLOWED_LATENESS_SECONDS
 
 SAMPLE_TWEETS = Path(__file__).resolve().parent / "data" / "sample_tweets.jsonl"
@@ -57,7 +57,7 @@ class BertstreamOptions(PipelineOptions):
                               "picks by runner (docs/architecture.md)")
         src.add_argument("--direct_optimizations", choices=("on", "off"), default="on",
                          help="DirectRunner with Pub/Sub only: larger pulls, acknowledgement "
-                              "once written, more threads (pipeline/direct_runner.py); off "
+                              "once written, more threads (runners/direct_runner.py); off "
                               "runs Beam's DirectRunner as it ships (it acknowledges on pull)")
         src.add_argument("--direct_pubsub_max_messages", type=int,
                          default=DIRECT_MAX_MESSAGES,
@@ -164,6 +164,13 @@ class BertstreamOptions(PipelineOptions):
             stream_maxlen=self.redis_stream_maxlen,
             dedupe_ttl_seconds=self.redis_dedupe_ttl_seconds, retries=self.redis_retries,
             ca_file=self.redis_ca_file)
+
+    def tfserving_config(self) -> TFServingConfig:
+        return TFServingConfig(
+            target=self.tfserving_target, model_name=self.tfserving_model_name,
+            model_version=self.tfserving_model_version, signature=self.tfserving_signature,
+            timeout_seconds=self.tfserving_timeout_seconds, tls=self.tfserving_tls,
+            ca_file=self.tfserving_ca_file)
 
     def validate_flags(self) -> None:
         """Raises ValueError naming the flag to change."""

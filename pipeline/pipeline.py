@@ -2,7 +2,7 @@
 
 ``run(argv)`` is what ``python -m pipeline`` calls; tests pass a
 ``TestPipeline`` to build the very same graph. What differs per runner is
-decided once, in ``pipeline/runners.py`` (see docs/architecture.md).
+decided once, in ``runners/profiles.py`` (see docs/architecture.md).
 """
 
 import hashlib
@@ -17,9 +17,9 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import GoogleCloudOptions
 from apache_beam.transforms import window
 
-from pipeline import runners
-from pipeline.direct_runner import ACK_ID_ATTRIBUTE
 from pipeline.options import SAMPLE_TWEETS, BertstreamOptions
+from runners import profiles
+from runners.direct_runner import ACK_ID_ATTRIBUTE
 from transforms.dedupe import DedupeByTweetId
 from transforms.inference import RunSentiment, TokenCounter, local_handler
 from transforms.parse import ParseTweets
@@ -71,10 +71,10 @@ class ReadTweets(beam.PTransform):
     """``Envelope``s from Pub/Sub or a JSONL file.
 
     Pub/Sub messages carry their event time in the ``event_ts`` attribute;
-    how they are read depends on the runner (``pipeline/runners.py``).
+    how they are read depends on the runner (``runners/profiles.py``).
     """
 
-    def __init__(self, options: BertstreamOptions, profile: runners.RunnerProfile,
+    def __init__(self, options: BertstreamOptions, profile: profiles.RunnerProfile,
                  subscription: Optional[str] = None):
         super().__init__()
         self._o = options
@@ -86,11 +86,11 @@ class ReadTweets(beam.PTransform):
         if not o.is_pubsub:
             return (p | "InputFile" >> beam.Create([o.input_file or str(SAMPLE_TWEETS)])
                     | "ReadLines" >> beam.FlatMap(read_lines).with_output_types(Envelope))
-        if self._profile.pubsub_read == runners.PULL:
+        if self._profile.pubsub_read == profiles.PULL:
             return p | "PullPubSub" >> PullFromPubSub(
                 self._subscription, lease_seconds=o.pubsub_lease_seconds,
                 emulator_host=o.pubsub_emulator_host)
-        if self._profile.pubsub_read == runners.XLANG:
+        if self._profile.pubsub_read == profiles.XLANG:
             from apache_beam.io.external.gcp.pubsub import ReadFromPubSub as XlangRead
 
             read = XlangRead(topic=o.input_topic, subscription=o.input_subscription,
@@ -130,7 +130,7 @@ def model_handler(o: BertstreamOptions):
     if o.inference == "tfserving":
         from transforms.tfserving import tfserving_handler
 
-        return tfserving_handler(o)
+        return tfserving_handler(o.tfserving_config())
     return local_handler(o.model_dir, o.model_signature, o.model_reload_seconds)
 
 
@@ -153,8 +153,8 @@ def build(p: beam.Pipeline, o: BertstreamOptions, handler=None) -> Outputs:
     parsed = raw | "ParseTweets" >> ParseTweets(timestamp_from_created_at=not o.is_pubsub)
     deduped = parsed.tweets | "DedupeByTweetId" >> DedupeByTweetId(
         o.dedupe_ttl_seconds,
-        shards=runners.DEDUPE_SHARDS if profile.dedupe == runners.SHARDED else 0,
-        redis_config=o.redis_config() if profile.dedupe == runners.IN_REDIS else None,
+        shards=profiles.DEDUPE_SHARDS if profile.dedupe == profiles.SHARDED else 0,
+        redis_config=o.redis_config() if profile.dedupe == profiles.IN_REDIS else None,
         claim_seconds=o.pubsub_lease_seconds // 2)
     by_event_time = WindowByEventTime(o.window_seconds, o.allowed_lateness_seconds,
                                       profile.late_shards)
@@ -198,14 +198,14 @@ def make_options(argv: Optional[list[str]]) -> BertstreamOptions:
     first.validate_flags()
     o = BertstreamOptions(argv + profile_of(first).flags(argv)).view_as(BertstreamOptions)
     o.apply_implied()
-    if "dataflow" in runners.runner_name(o).lower() and not o.view_as(GoogleCloudOptions).project:
+    if "dataflow" in profiles.runner_name(o).lower() and not o.view_as(GoogleCloudOptions).project:
         raise ValueError("--project is required on Dataflow")
     return o
 
 
-def profile_of(o: BertstreamOptions) -> runners.RunnerProfile:
+def profile_of(o: BertstreamOptions) -> profiles.RunnerProfile:
     parallelism = o.get_all_options(retain_unknown_options=True).get("parallelism") or 1
-    return runners.profile_for(o, o.is_pubsub, int(parallelism), o.pubsub_read,
+    return profiles.profile_for(o, o.is_pubsub, int(parallelism), o.pubsub_read,
                                o.direct_optimizations)
 
 

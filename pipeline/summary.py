@@ -9,7 +9,7 @@ from typing import NamedTuple, Optional
 
 from apache_beam.metrics.metric import MetricsFilter
 
-from transforms.redis_sink import RedisConfig, connect, read_stats
+from bertstream.config import RedisConfig, connect, read_stats
 
 
 class Snapshot(NamedTuple):
@@ -155,7 +155,7 @@ def render(summary: Summary, redis_url: str, config: RedisConfig, redis_cli: str
     stream = config.stream if s.results or not s.dead_lettered else config.dead_letter_stream
     lines += [
         f"  look:               {redis_cli} XRANGE {stream} - + COUNT 5",
-        f"  follow:             python -m pipeline.subscribe --redis_url {redis_url} --from-start",
+        f"  follow:             python -m ops.subscribe --redis_url {redis_url} --from-start",
         "  json: " + json.dumps(s.as_dict()),
     ]
     return "\n".join(lines)

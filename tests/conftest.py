@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.local_servers import LocalPubSubEmulator, LocalRedis, find_pubsub_emulator
+from bertstream.config import cache_dir
+from runners.local_servers import LocalPubSubEmulator, LocalRedis, find_pubsub_emulator
 
 ROOT = Path(__file__).resolve().parent.parent
-CACHE = Path(os.environ.get("BERTSTREAM_CACHE", Path.home() / ".cache" / "bertstream"))
+CACHE = cache_dir()
 
 
 @pytest.fixture(scope="session")

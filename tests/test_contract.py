@@ -15,10 +15,11 @@ from apache_beam.utils.timestamp import Timestamp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bertstream.config import redacted
 from ingest.message import BadTweet, encode, parse_json, to_message
 from tests.reliability.hostile import ODD_TEXT, hostile, json_value, long_text, rfc3339
 from transforms import contract
-from transforms.contract import MAX_MESSAGE_BYTES, BadMessage, check_tweet, redacted
+from transforms.contract import MAX_MESSAGE_BYTES, BadMessage, check_tweet
 from transforms.parse import DEAD_LETTER, _ParseFn, parse_tweet
 from transforms.records import Envelope
 
@@ -27,7 +28,8 @@ PROPERTY = settings(max_examples=600, deadline=None, database=None, derandomize=
                     suppress_health_check=list(HealthCheck))
 
 
-@pytest.mark.parametrize("module", ["transforms.contract", "ingest.message", "pipeline.dashboard"])
+@pytest.mark.parametrize("module", ["bertstream.config", "bertstream.logs", "transforms.contract",
+                                    "ingest.message", "ops.dashboard"])
 def test_light_modules_import_neither_beam_nor_tensorflow(module):
     code = (f"import sys, {module}; heavy = [m for m in ('apache_beam', 'tensorflow') "
             "if m in sys.modules]; assert not heavy, heavy")
@@ -38,7 +40,7 @@ def test_light_modules_import_neither_beam_nor_tensorflow(module):
 
 def test_one_labels_tuple():
     from model import data
-    from pipeline import dashboard
+    from ops import dashboard
     from transforms import records
 
     assert data.LABELS is dashboard.LABELS is records.LABELS is contract.LABELS

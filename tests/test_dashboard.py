@@ -1,4 +1,4 @@
-"""The dashboard (pipeline/dashboard.py): its summary against a real
+"""The dashboard (ops/dashboard.py): its summary against a real
 redis-server, its page in headless Chromium, hostile tweet text, and a Redis
 restart under it.
 
@@ -26,10 +26,11 @@ from pathlib import Path
 import pytest
 import redis
 
-from pipeline.dashboard import Dashboard, Feed, Keys
-from pipeline.local_servers import LocalRedis, free_port
+from bertstream.config import RedisConfig
+from ops.dashboard import Dashboard, Feed
+from runners.local_servers import LocalRedis, free_port
 from transforms.records import DeadLetter, Result, now_iso
-from transforms.redis_sink import RedisConfig, _WriteDeadLettersFn, _WriteResultsFn
+from transforms.redis_sink import _WriteDeadLettersFn, _WriteResultsFn
 
 ROOT = Path(__file__).resolve().parent.parent
 # Where the browser test saves its screenshot: the test's own directory, so
@@ -114,22 +115,15 @@ def socket_in_use():
 
 @pytest.fixture
 def dashboard(redis_url):
-    with Dashboard(Keys(url=redis_url), port=0) as d:
+    with Dashboard(RedisConfig(url=redis_url), port=0) as d:
         yield d
 
 
 # --- no server ---------------------------------------------------------------------------
 
 
-def test_keys_default_to_the_sinks_names():
-    sink, keys = RedisConfig(), Keys()
-    assert (keys.url, keys.stream, keys.channel, keys.dead_letter_stream, keys.window_prefix,
-            keys.stats_key) == (sink.url, sink.stream, sink.channel, sink.dead_letter_stream,
-                                sink.window_prefix, sink.stats_key)
-
-
 def test_latency_is_publish_to_result_when_results_carry_published_at():
-    feed = Feed(Keys())
+    feed = Feed(RedisConfig())
 
     def add(**body):
         base = {"tweet_id": "1", "label": "neutral", "model_version": "1",
@@ -150,7 +144,7 @@ def test_latency_is_publish_to_result_when_results_carry_published_at():
 @pytest.mark.timeout(60)
 def test_cli_help_and_one_line_errors_that_name_the_flag():
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "pipeline.dashboard", *args], cwd=ROOT,
+        return subprocess.run([sys.executable, "-m", "ops.dashboard", *args], cwd=ROOT,
                               capture_output=True, text=True, timeout=30)
 
     helped = cli("--help")
@@ -306,7 +300,7 @@ def text_of(driver, element_id: str) -> str:
 
 def _start_dashboard_cli(redis_url: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.dashboard", "--redis_url", redis_url,
+    proc = subprocess.Popen([sys.executable, "-m", "ops.dashboard", "--redis_url", redis_url,
                              "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -453,7 +447,7 @@ def test_dashboard_keeps_serving_through_a_redis_restart(tmp_path, browser):
     data.mkdir()
     server = LocalRedis(data_dir=str(data)).start()
     url = server.url
-    dashboard = Dashboard(Keys(url=url), port=0).start()
+    dashboard = Dashboard(RedisConfig(url=url), port=0).start()
     try:
         write_results(url, [result("1"), result("2", "negative")])
         wait_until(lambda: (lambda s: s["results"] == s["results_read"] == 2)(

@@ -19,12 +19,13 @@ import redis
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipeline.local_servers import LocalPubSubEmulator, free_port
+from bertstream.config import RedisConfig
 from pipeline.pipeline import build, make_options, read_lines, run
+from runners.local_servers import LocalPubSubEmulator, free_port
 from transforms.parse import ParseTweets
 from transforms.pubsub import envelope
 from transforms.records import DeadLetter
-from transforms.redis_sink import RedisConfig, _WriteDeadLettersFn, dead_letter_key
+from transforms.redis_sink import _WriteDeadLettersFn, dead_letter_key
 
 pytestmark = [pytest.mark.integration]
 

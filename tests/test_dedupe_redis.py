@@ -13,9 +13,9 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
+from bertstream.config import RedisConfig
 from transforms.dedupe import ALREADY, CLAIM_PREFIX, SKIPPED, _FirstPerIdInRedisFn
 from transforms.records import Tweet
-from transforms.redis_sink import RedisConfig
 
 
 def _tweet(tweet_id: str, source: str = "") -> Tweet:

@@ -1,9 +1,9 @@
-"""pipeline/direct_runner.py: each patch of Beam's DirectRunner checks that
+"""runners/direct_runner.py: each patch of Beam's DirectRunner checks that
 Beam's code is what it was written against, and refuses loudly otherwise."""
 
 import pytest
 
-from pipeline import direct_runner
+from runners import direct_runner
 
 
 def test_the_installed_beam_is_what_the_patches_expect():

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.local_servers import free_port
+from runners.local_servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -228,26 +228,19 @@ def test_dataflow_refuses_a_bucket_name_gcs_would_refuse(flag, tiny_model_dir):
     assert one_line(done.stderr).startswith(f"error: {flag} gs://BUCKET/tmp: ")
 
 
-# --- the README's commands ----------------------------------------------------------------
+# --- the documented commands (the walkthroughs themselves: tests/test_walkthroughs.py) -----
 
 
-def _readme_block(heading: str) -> str:
-    text = (ROOT / "README.md").read_text()
+def _doc_block(doc: str, heading: str) -> str:
+    text = (ROOT / doc).read_text()
     section = text[text.index(heading):]
     return section[section.index("```sh\n") + 6:section.index("\n```", section.index("```sh"))]
 
 
-def test_readme_streaming_walkthrough_shows_dead_letters_and_stops_with_sigterm():
-    block = _readme_block("### Streaming from Pub/Sub")
-    assert "--dir /tmp/bertstream-redis" in block and "mkdir -p /tmp/bertstream-redis" in block
-    assert "--publish-bad" in block
-    assert "kill $JOB" in block and "until Ctrl-C" not in block
-    assert "appendonlydir/" in (ROOT / ".gitignore").read_text().split()
-
-
 @pytest.mark.timeout(120)
-def test_readme_evaluate_command_runs_on_the_shipped_sample(tiny_model_dir):
-    line = next(x for x in _readme_block("## The model").splitlines() if " evaluate " in x)
+def test_the_documented_evaluate_command_runs_on_the_shipped_sample(tiny_model_dir):
+    line = next(x for x in _doc_block("docs/model.md", "# The model").splitlines()
+                if " evaluate " in x)
     data = line.split("--data ", 1)[1].split()[0]
     done = subprocess.run([sys.executable, "-m", "model", "evaluate", "--model",
                            str(tiny_model_dir), "--data", data], cwd=ROOT,

@@ -380,3 +380,15 @@ def test_sigterm_during_a_burst_loses_nothing_accepted(pubsub_names):
     assert sorted(m.message.attributes["tweet_id"] for m in messages) == sorted(
         tweet(i)["id"] for i in range(received))
     assert "SIGTERM: stopping" in err and FAKE_TOKEN not in err
+
+
+def test_the_private_tweepy_method_xstream_replaces_is_checked(monkeypatch):
+    import tweepy
+
+    from ingest.xstream import check_tweepy_private_api
+
+    check_tweepy_private_api()  # the pinned tweepy: as XStream expects
+    monkeypatch.setattr(tweepy.StreamingClient, "_connect",
+                        lambda self, method, endpoint, params=None: None)
+    with pytest.raises(RuntimeError, match=r"tweepy .*_connect.* changed.*constraints.txt"):
+        check_tweepy_private_api()

@@ -53,7 +53,7 @@ def test_flink_dry_run_resolves_every_flag_without_secrets(tmp_path, tiny_model_
     assert options["redis_url"] == "redis://bertstream:***@redis:6379/0"
     # Pub/Sub through the job's own pull source: no expansion service.
     assert not options.get("beam_services") and out["expansion_service_jar"] is None
-    assert options["max_bundle_time_mills"] == 250  # batches are cut from bundles
+    assert options["max_bundle_time_mills"] == 100  # batches are cut from bundles
 
 
 @pytest.mark.timeout(120)

@@ -528,3 +528,20 @@ def test_build_rejects_bad_base_model(tmp_path):
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode != 0
     assert "--base-model" in proc.stderr
+
+
+def test_the_private_keras_hub_sublayers_the_fused_graph_reads_are_checked():
+    from model.fused import check_keras_hub_private_api
+
+    class Attention:
+        _query_dense = _key_dense = _value_dense = _output_dense = object()
+
+    class Layer:
+        _self_attention_layer = Attention()
+        _self_attention_layer_norm = _feedforward_layer_norm = object()
+        _feedforward_intermediate_dense = _feedforward_output_dense = object()
+
+    check_keras_hub_private_api(Layer())
+    del Attention._key_dense
+    with pytest.raises(RuntimeError, match=r"keras-hub .*_self_attention_layer\._key_dense"):
+        check_keras_hub_private_api(Layer())

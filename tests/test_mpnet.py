@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bertstream.config import cache_dir
 from model import data, mpnet, teacher
 
 ROOT = Path(__file__).resolve().parent.parent
-CACHE = Path(os.environ.get("BERTSTREAM_CACHE", Path.home() / ".cache" / "bertstream"))
+CACHE = cache_dir()
 # The Makefile's MPNET_REFERENCE_VENV.
 REFERENCE_VENV = CACHE / "venvs" / "mpnet-reference-4.57"
 REFERENCE_SCRIPT = ROOT / "tests" / "mpnet_reference.py"

@@ -87,7 +87,7 @@ def test_streaming_job_scores_every_tweet_once(pubsub_names, redis_url, tiny_mod
     items += [(data, {"tweet_id": "0", "event_ts": _event_ts(0)}) for data in BAD_INPUTS.values()]
 
     subscriber = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.subscribe", "--redis_url", redis_url, "--json",
+        [sys.executable, "-m", "ops.subscribe", "--redis_url", redis_url, "--json",
          "--max-results", str(len(tweets)), "--timeout", "120"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     client = redis.Redis.from_url(redis_url)
@@ -193,7 +193,7 @@ def test_cli_embedded_default_summary(redis_url, tiny_model_dir):
 
 @pytest.mark.timeout(120)
 def test_cli_starts_its_own_redis_when_none_answers(tiny_model_dir, tmp_path):
-    from pipeline.local_servers import free_port
+    from runners.local_servers import free_port
 
     sample = tmp_path / "few.jsonl"
     sample.write_text("\n".join(json.dumps({"id": str(i), "text": f"tweet {i}",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.runners import PRISM_HINT, find_prism
+from runners.profiles import PRISM_HINT, find_prism
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -18,11 +18,12 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.transforms.window import TimestampedValue
 
+from bertstream.config import RedisConfig
 from transforms.dedupe import DedupeByTweetId
 from transforms.inference import RunSentiment, TokenCounter, local_handler
 from transforms.parse import ParseTweets
 from transforms.records import Envelope, Tweet, iso_from_seconds
-from transforms.redis_sink import RedisConfig, WriteToRedis
+from transforms.redis_sink import WriteToRedis
 from transforms.windowing import WindowByEventTime
 
 T0 = 1_795_000_000  # a whole multiple of 2 s, so windows start at T0, T0+2, ...

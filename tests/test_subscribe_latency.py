@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.subscribe import LEGEND, Printer, latency_of
+from ops.subscribe import LEGEND, Printer, latency_of
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,7 +60,7 @@ def test_subscriber_prints_the_legend_and_replays_with_publish_latency(redis_url
                published_at="2026-12-01T12:00:00.000Z",
                processed_at="2026-12-01T12:00:00.400Z"))})
     done = subprocess.run(
-        [sys.executable, "-m", "pipeline.subscribe", "--redis_url", redis_url, "--from-start",
+        [sys.executable, "-m", "ops.subscribe", "--redis_url", redis_url, "--from-start",
          "--max-results", "1"], cwd=ROOT, capture_output=True, text=True, timeout=45)
     assert done.returncode == 0, done.stderr
     assert LEGEND in done.stderr

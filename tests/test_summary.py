@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from bertstream.config import RedisConfig
 from pipeline.summary import Snapshot, Summary, exit_code, render
-from transforms.redis_sink import RedisConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 NOISE = ("WARNING", "Traceback", "ERROR", "E0000", "W0000", "I0000", "cuInit",
@@ -125,7 +125,7 @@ def test_a_snapshot_names_the_last_dead_letter(redis_url):
 @pytest.mark.integration
 @pytest.mark.timeout(120)
 def test_a_wrong_redis_port_says_what_it_waits_for(tiny_model_dir):
-    from pipeline.local_servers import free_port
+    from runners.local_servers import free_port
 
     done = job("--model_dir", str(tiny_model_dir), "--no_local_redis", "--redis_retries", "2",
                "--redis_url", f"redis://127.0.0.1:{free_port()}/0", timeout=100)

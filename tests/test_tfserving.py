@@ -274,7 +274,7 @@ def test_server_down_for_good_sends_tweets_to_the_dead_letter(tmp_path, redis_ur
     # One batch (a file is one bundle), so the test waits for one backoff only.
     argv = _argv(_tweets_file(tmp_path), redis_url, tiny_model_dir, "--inference",
                  "tfserving", "--tfserving_target", down.target)
-    handler = tfserving_handler(make_options(argv), num_retries=1, throttle_delay_secs=1)
+    handler = tfserving_handler(make_options(argv).tfserving_config(), num_retries=1, throttle_delay_secs=1)
     down.stop(None)  # after the start-up check: nothing listens there any more
 
     started = time.monotonic()
@@ -340,15 +340,15 @@ def test_tls_with_a_ca_file(tmp_path, tiny_model_dir):
         base = ["--input_file", str(_tweets_file(tmp_path)), "--inference", "tfserving",
                 "--tfserving_target", secure.target, "--tfserving_timeout_seconds", "5"]
         tfserving_handler(make_options([*base, "--tfserving_tls", "--tfserving_ca_file",
-                                        str(cert)]))
+                                        str(cert)]).tfserving_config())
         with TFServingClient(secure.target, tls=True, ca_file=str(cert)) as client:
             assert client.predict(["tls works"])[0].shape == (1, 3)
         with pytest.raises(ValueError, match="with TLS: check --tfserving_tls"):
-            tfserving_handler(make_options([*base, "--tfserving_tls"]))  # system roots
+            tfserving_handler(make_options([*base, "--tfserving_tls"]).tfserving_config())  # system roots
         with pytest.raises(ValueError, match="--tfserving_target"):
-            tfserving_handler(make_options(base))  # plaintext to a TLS port
+            tfserving_handler(make_options(base).tfserving_config())  # plaintext to a TLS port
         with pytest.raises(ValueError, match="--tfserving_ca_file needs --tfserving_tls"):
-            tfserving_handler(make_options([*base, "--tfserving_ca_file", str(cert)]))
+            tfserving_handler(make_options([*base, "--tfserving_ca_file", str(cert)]).tfserving_config())
     finally:
         secure.stop(None)
 

@@ -46,7 +46,6 @@ from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_p
 from model.serving import version_dirs
 
 DT_STRING = 7
-_AVAILABLE = 30  # ModelVersionStatus.State.AVAILABLE
 _DEFAULT_SIGNATURE = "serving_default"
 
 
@@ -226,7 +225,7 @@ class PeerServicer(prediction_service_pb2_grpc.PredictionServiceServicer,
         for number in numbers:
             status = response.model_version_status.add()
             status.version = number
-            status.state = _AVAILABLE
+            status.state = get_model_status_pb2.ModelVersionStatus.State.AVAILABLE
         return response
 
 

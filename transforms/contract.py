@@ -228,13 +228,3 @@ def iso_from_seconds(seconds: float) -> str:
 
 def now_iso() -> str:
     return format_rfc3339(dt.datetime.now(dt.UTC))
-
-
-# scheme://user:password@ anywhere in a string (an option value, an argv entry).
-_URL_PASSWORD = re.compile(r"\b([a-z][a-z0-9+.-]*://[^/\s:@]*:)[^\s/?#]+@", re.IGNORECASE)
-
-
-def redacted(text: str) -> str:
-    """``text`` with the password of every URL in it replaced by ``***``, for logs,
-    summaries and pages: ``redis://user:***@host:6379/0``."""
-    return _URL_PASSWORD.sub(r"\1***@", text)

@@ -40,8 +40,8 @@ Three layouts of the streaming idea:
   copy of a new id takes a short claim (``SET NX EX``) that later copies
   meet. On Flink's portable runner each keyed-state access is a blocking
   round trip through the Fn API: the per-id layout read and committed state
-  twice per tweet, 2.2 s per 1,000 tweets of a live burst, as long as the
-  model took to score them. The claim lasts half the Pub/Sub lease, so a
+  twice per tweet, which took as long as the model took to score the tweets
+  (docs/runners.md). The claim lasts half the Pub/Sub lease, so a
   message redelivered because its job died (only after the whole lease) is
   never mistaken for a copy; a copy that arrives after the claim ended but
   before the first copy's result is scored again and written once (the sink
@@ -65,8 +65,9 @@ from apache_beam.transforms.userstate import (
 )
 from apache_beam.utils.timestamp import Duration, Timestamp
 
+from bertstream.config import RedisConfig
 from transforms.records import Tweet, seconds_from_iso
-from transforms.redis_sink import BufferedRedisFn, RedisConfig
+from transforms.redis_sink import BufferedRedisFn
 
 DEFAULT_TTL_SECONDS = 600
 SKIPPED = "skipped"

@@ -9,7 +9,7 @@ length and cut into batches of at most ``max_batch_size``, so a batch pads
 little and holds what is waiting (one batch when a few tweets wait, many
 when a backlog drains). No state or timer is involved, so nothing waits for
 a batch to fill and no watermark is held; how many tweets a bundle holds is
-the runner's choice (``pipeline/runners.py`` sets Flink's bundle limits).
+the runner's choice (``runners/profiles.py`` sets Flink's bundle limits).
 ``RunInference`` then runs the pre-batched tweets through the handler and
 each prediction becomes a ``Result`` or a ``DeadLetter``.
 
@@ -305,7 +305,7 @@ class _TF2Session:
 
 # tfx-bsl's handlers run ``run_inference`` = ``_run_inference`` (signature
 # checks, fetches through our session) + ``_post_process`` (a PredictionLog
-# per tweet, with a TensorProto per output, 0.1 ms a tweet: 15% of a bfloat16
+# per tweet, with a TensorProto per output: a large share of a bfloat16
 # model's time, only to be parsed straight back). The handler below calls
 # ``_run_inference`` itself, a private method: ``check_tfx_bsl_private_api``
 # makes sure it is the code this was written against, at start.
@@ -514,8 +514,8 @@ def _freeze_heap() -> None:
 
     Loading TensorFlow and a SavedModel leaves about 480,000 tracked Python
     objects that live as long as the process. Each full collection walks them
-    all: one took 0.31-0.40 s in the middle of a 2,000-tweet file run (about
-    a tenth of it) and stops every thread of the job while it runs. Frozen,
+    all, a noticeable share of a file run, and stops every thread of the job
+    while it runs. Frozen,
     they are skipped (``gc.freeze``, Python's own answer for long-lived
     heaps). Reference counting still frees them; only a reference cycle
     among them would never be collected.

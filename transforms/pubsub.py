@@ -74,7 +74,7 @@ def envelope(message_id: str, data: bytes, attributes, ack_id: str = "",
     share ids; the publish time (kept by Pub/Sub across redeliveries) and the
     scope tell such messages apart. The dead-letter sink's once-key hashes
     this id with the message's bytes (docs/reliability.md). A replayed dead
-    letter (``replay`` attribute, set by ``pipeline.replay_deadletter``) is
+    letter (``replay`` attribute, set by ``ops.replay_deadletter``) is
     prefixed by the entry it replays.
     """
     attributes = attributes or {}
@@ -273,11 +273,11 @@ def subscription_for_topic(topic: str) -> str:
     from google.cloud import pubsub_v1
     from google.protobuf import duration_pb2
 
-    project = topic.split("/")[1]
-    name = f"{topic.rsplit('/', 1)[-1]}-bertstream-{uuid.uuid4().hex[:8]}"
+    parts = pubsub_v1.PublisherClient.parse_topic_path(topic)
+    name = f"{parts['topic']}-bertstream-{uuid.uuid4().hex[:8]}"
     client = pubsub_v1.SubscriberClient()
     try:
-        path = client.subscription_path(project, name)
+        path = client.subscription_path(parts["project"], name)
         client.create_subscription(request={
             "name": path, "topic": topic, "ack_deadline_seconds": DEFAULT_LEASE_SECONDS,
             "expiration_policy": {"ttl": duration_pb2.Duration(

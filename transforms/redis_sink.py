@@ -16,17 +16,13 @@ the ``acks`` output: that input has reached its end.
 
 import hashlib
 import logging
-import os
 import time
-import urllib.parse
-from typing import NamedTuple, Optional
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
-# redacted: the URL without its password; pipeline/ imports it from here.
-from transforms.contract import redacted
+from bertstream.config import RedisConfig, connect
 from transforms.records import DeadLetter, Result
 
 _LOG = logging.getLogger(__name__)
@@ -63,48 +59,6 @@ if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
 end
 return false
 """
-
-
-class RedisConfig(NamedTuple):
-    """Where and how results go. Names match the pipeline's flags."""
-
-    url: str = "redis://localhost:6379/0"
-    stream: str = "sentiment:results"
-    channel: str = "sentiment"
-    window_prefix: str = "sentiment:window:"
-    dead_letter_stream: str = "sentiment:deadletter"
-    dedupe_prefix: str = "sentiment:seen:"
-    stats_key: str = "sentiment:stats"
-    stream_maxlen: int = 100_000
-    dedupe_ttl_seconds: int = 7 * 24 * 3600
-    window_ttl_seconds: int = 7 * 24 * 3600
-    retries: int = 5
-    backoff_seconds: float = 0.2
-    ca_file: Optional[str] = None
-
-
-def connect(config: RedisConfig):
-    """A redis-py client for ``config.url`` (``redis://`` or ``rediss://``).
-
-    Connection errors and timeouts are retried ``config.retries`` times with
-    exponential backoff from ``config.backoff_seconds``, by redis-py itself.
-    When the URL carries a user but no password, ``REDIS_PASSWORD`` from the
-    environment is used, so the secret need not appear on a command line.
-    """
-    import redis
-    from redis.backoff import ExponentialBackoff
-    from redis.retry import Retry
-
-    kwargs = {"socket_timeout": 10, "socket_connect_timeout": 5, "health_check_interval": 30,
-              "retry": Retry(ExponentialBackoff(cap=config.backoff_seconds * 2 ** config.retries,
-                                                base=config.backoff_seconds), config.retries),
-              "retry_on_error": [redis.ConnectionError, redis.TimeoutError]}
-    parsed = urllib.parse.urlparse(config.url)
-    if not parsed.password and os.environ.get("REDIS_PASSWORD"):
-        kwargs["password"] = os.environ["REDIS_PASSWORD"]
-    if parsed.scheme == "rediss" and config.ca_file:
-        kwargs["ssl_ca_certs"] = config.ca_file
-    return redis.Redis.from_url(config.url, **kwargs)
 
 
 ACKS = "acks"
@@ -340,48 +294,3 @@ class CountInRedis(beam.PTransform):
 
     def expand(self, pcoll):
         return pcoll | beam.ParDo(_CountFn(self._config, self._field))
-
-
-def read_stats(config: RedisConfig) -> dict[str, int]:
-    """The sink's all-time totals (see ``_WRITE_RESULT``)."""
-    client = connect(config)
-    try:
-        return {k.decode(): int(v) for k, v in client.hgetall(config.stats_key).items()}
-    finally:
-        client.close()
-
-
-def check_connection(config: RedisConfig) -> None:
-    """Fails fast, naming the flag, when Redis refuses us at start-up; while
-    nothing answers, tries ``config.retries`` times more, saying so each time.
-
-    Raises:
-      ValueError: Redis answered and refused (authentication, ACL).
-      redis.ConnectionError, redis.TimeoutError: nothing answered.
-    """
-    import redis
-
-    attempts, delay = config.retries + 1, config.backoff_seconds
-    for attempt in range(1, attempts + 1):
-        client = connect(config._replace(retries=0))
-        try:
-            client.ping()
-            return
-        except redis.AuthenticationError as err:
-            raise ValueError(f"--redis_url {redacted(config.url)}: authentication failed "
-                             f"({err}); check the user and password (or REDIS_PASSWORD)") from None
-        except redis.ResponseError as err:
-            raise ValueError(f"--redis_url {redacted(config.url)}: {err}") from None
-        except (redis.ConnectionError, redis.TimeoutError) as err:
-            if attempt == attempts:
-                raise
-            _LOG.info("waiting for Redis at %s (%s): attempt %d of %d failed, next in %.1fs",
-                      redacted(config.url), err, attempt, attempts, delay)
-            time.sleep(delay)
-            delay *= 2
-        except redis.RedisError as err:  # it answered, not as Redis does
-            raise ValueError(f"--redis_url {redacted(config.url)}: {type(err).__name__}: "
-                             f"{err}") from None
-        finally:
-            client.close()
-

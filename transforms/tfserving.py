@@ -11,7 +11,7 @@ A batch that outlives its retries raises ``TFServingUnavailable``, a
 ``BatchFailure``: every tweet of the batch goes to the dead letter with the
 gRPC status in its reason, without being retried again one by one.
 
-``tfserving_handler(options)`` first asks the server for the model's status
+``tfserving_handler(config)`` first asks the server for the model's status
 and signature (``TFServingClient.check``) and raises ``ValueError`` naming the flag to
 fix, so a wrong target, model name, version or signature stops the job at
 start instead of dead-lettering every tweet.
@@ -34,6 +34,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import RemoteModelHandler
 
+from bertstream.config import TFServingConfig
 from transforms.inference import BatchFailure, Scores
 
 _LOG = logging.getLogger(__name__)
@@ -51,9 +52,6 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXC
 MAX_REQUEST_BYTES = 3 << 20
 # Protobuf overhead per string in a TensorProto: a tag and a length varint.
 _PER_STRING_BYTES = 6
-_DT_STRING, _DT_FLOAT, _DT_DOUBLE, _DT_INT64 = 7, 1, 2, 9
-_NUMPY = {_DT_FLOAT: np.float32, _DT_DOUBLE: np.float64, _DT_INT64: np.int64}
-_AVAILABLE = 30  # ModelVersionStatus.State.AVAILABLE
 
 
 class TFServingError(Exception):
@@ -109,22 +107,15 @@ def _channel(target: str, tls: bool, ca_file: str | None) -> grpc.Channel:
 
 
 def tensor_to_array(proto) -> np.ndarray:
-    """A numeric ``TensorProto`` as an ndarray, in either of TF Serving's
-    encodings (``*_val`` fields, its default, or ``tensor_content``)."""
-    if proto.dtype not in _NUMPY:
-        raise ValueError(f"unsupported output dtype {proto.dtype}")
-    dtype = _NUMPY[proto.dtype]
-    shape = [d.size for d in proto.tensor_shape.dim]
-    if proto.tensor_content:
-        values = np.frombuffer(proto.tensor_content, dtype=dtype)
-    else:
-        field = {_DT_FLOAT: proto.float_val, _DT_DOUBLE: proto.double_val,
-                 _DT_INT64: proto.int64_val}[proto.dtype]
-        values = np.asarray(field, dtype=dtype)
-    size = int(np.prod(shape)) if shape else 1
-    if values.size == 1 and size != 1:  # TF's compressed form: one value, repeated
-        values = np.full(size, values[0], dtype=dtype)
-    return values.reshape(shape)
+    """A numeric ``TensorProto`` as an ndarray, in any of TF Serving's encodings
+    (``*_val`` fields, ``tensor_content``, one value repeated): TensorFlow's own
+    ``tf.make_ndarray``. (TF Serving's protos import TensorFlow anyway.)"""
+    import tensorflow as tf
+    from tensorflow.core.framework import types_pb2
+
+    if proto.dtype not in (types_pb2.DT_FLOAT, types_pb2.DT_DOUBLE, types_pb2.DT_INT64):
+        raise ValueError(f"unsupported output dtype {types_pb2.DataType.Name(proto.dtype)}")
+    return tf.make_ndarray(proto)
 
 
 def split_by_size(texts: Sequence[bytes], max_bytes: int) -> Iterator[Sequence[bytes]]:
@@ -208,6 +199,7 @@ class TFServingClient:
     def predict_chunks(self, texts: Sequence[bytes | str]
                        ) -> Iterator[tuple[np.ndarray, str]]:
         """``(probabilities [n, 3], model_version)`` per request, in order."""
+        from tensorflow.core.framework import types_pb2
         from tensorflow_serving.apis import predict_pb2
 
         encoded = [t.encode("utf-8") if isinstance(t, str) else bytes(t) for t in texts]
@@ -216,7 +208,7 @@ class TFServingClient:
             self._spec(request.model_spec)
             request.output_filter.append(OUTPUT)
             tensor = request.inputs[self.input_name]
-            tensor.dtype = _DT_STRING
+            tensor.dtype = types_pb2.DT_STRING
             tensor.tensor_shape.dim.add().size = len(chunk)
             tensor.string_val.extend(chunk)
             response = self._call(self._predict.Predict, request, "Predict")
@@ -245,11 +237,13 @@ class TFServingClient:
         Raises:
           ValueError: naming the flag to fix.
         """
+        from tensorflow.core.framework import types_pb2
         from tensorflow_serving.apis import (
             get_model_metadata_pb2,
             get_model_status_pb2,
         )
 
+        ModelVersionStatus = get_model_status_pb2.ModelVersionStatus  # noqa: N806 - a proto
         where = f"--tfserving_target {self.target}"
         status = get_model_status_pb2.GetModelStatusRequest()
         status.model_spec.name = self.model_name
@@ -265,7 +259,8 @@ class TFServingClient:
             raise ValueError(f"{where}: no TF Serving answers there{hint} ({failure})"
                              ) from None
         states = {v.version: v.state for v in versions.model_version_status}
-        available = sorted(v for v, state in states.items() if state == _AVAILABLE)
+        available = sorted(v for v, state in states.items()
+                           if state == ModelVersionStatus.State.AVAILABLE)
         if self.version is not None and self.version not in available:
             raise ValueError(
                 f"--tfserving_model_version {self.version}: model {self.model_name} has no "
@@ -291,7 +286,7 @@ class TFServingClient:
                              f"{', '.join(signatures)})")
         signature = signature_map.signature_def[self.signature]
         inputs = {name: info.dtype for name, info in signature.inputs.items()}
-        if len(inputs) != 1 or next(iter(inputs.values())) != _DT_STRING:
+        if len(inputs) != 1 or next(iter(inputs.values())) != types_pb2.DT_STRING:
             raise ValueError(f"--tfserving_signature {self.signature}: takes {sorted(inputs)}; "
                              "the pipeline needs a signature with one string input")
         if "examples" in inputs:  # the TFX convention: serialized tf.Example, not text
@@ -299,7 +294,7 @@ class TFServingClient:
                              "tf.Example ('examples'); the pipeline sends raw text (use "
                              f"{DEFAULT_SIGNATURE})")
         output = signature.outputs.get(OUTPUT)
-        if output is None or output.dtype != _DT_FLOAT:
+        if output is None or output.dtype != types_pb2.DT_FLOAT:
             raise ValueError(f"--tfserving_signature {self.signature}: needs a float output "
                              f"'{OUTPUT}', has {sorted(signature.outputs)}")
         version = response.model_spec.version.value
@@ -358,29 +353,27 @@ class TFServingModelHandler(RemoteModelHandler):
         return "TFServing"
 
 
-def tfserving_handler(o, **overrides: Any) -> TFServingModelHandler:
+def tfserving_handler(config: TFServingConfig, **overrides: Any) -> TFServingModelHandler:
     """The handler for ``--inference tfserving``, after the start-up check.
 
     Args:
-      o: the ``BertstreamOptions`` view.
+      config: where TF Serving is and what to call there (the ``--tfserving_*``
+        flags; ``BertstreamOptions.tfserving_config()``).
       **overrides: other ``TFServingModelHandler`` arguments (``num_retries``...).
 
     Raises:
       ValueError: naming the flag to fix, when the server, model, version or
         signature is not what the pipeline needs.
     """
-    if o.tfserving_timeout_seconds <= 0:
-        raise ValueError("--tfserving_timeout_seconds must be positive")
-    if o.tfserving_ca_file and not o.tfserving_tls:
-        raise ValueError("--tfserving_ca_file needs --tfserving_tls")
-    args = {"target": o.tfserving_target, "model_name": o.tfserving_model_name,
-            "signature": o.tfserving_signature, "version": o.tfserving_model_version,
-            "timeout_seconds": o.tfserving_timeout_seconds, "tls": o.tfserving_tls,
-            "ca_file": o.tfserving_ca_file}
+    config.validate()
+    args = {"target": config.target, "model_name": config.model_name,
+            "signature": config.signature, "version": config.model_version,
+            "timeout_seconds": config.timeout_seconds, "tls": config.tls,
+            "ca_file": config.ca_file}
     try:
         client = TFServingClient(**args)
     except OSError as err:
-        raise ValueError(f"--tfserving_ca_file {o.tfserving_ca_file}: {err}") from None
+        raise ValueError(f"--tfserving_ca_file {config.ca_file}: {err}") from None
     with client:
         info = client.check()
     return TFServingModelHandler(**args, input_name=info.input_name, **overrides)

@@ -118,7 +118,7 @@ def test_submitter_needs_no_jvm_and_no_expansion_service(name):
     server (a jar), an expansion service (a jar), a worker pool. The pipeline image
     has neither a JVM nor the jars, so it must start none of them."""
     from pipeline.pipeline import make_options, profile_of
-    from pipeline.runners import PULL
+    from runners.profiles import PULL
 
     objs = rendered(name)
     launch = FlinkLaunch.parse(submitter_argv(objs))

@@ -438,6 +438,8 @@ def test_redis_is_persistent_authenticated_and_limits_the_sink(overlay):
         "+publish",
         "+hincrby",
         "+hgetall",
+        "+xrange",
+        "+xrevrange",
         "+expire",
         "+evalsha",
         "+eval",
@@ -529,7 +531,7 @@ def test_dashboard_reads_redis_as_a_read_only_user_and_serves_its_port(overlay):
     (container,) = spec["containers"]
     submit = one(objs, "Job", "pipeline-submit")["spec"]["template"]["spec"]["containers"][0]
     assert container["image"] == submit["image"], "the dashboard runs from the pipeline image"
-    assert args_of(container)[:3] == ["python", "-m", "pipeline.dashboard"]
+    assert args_of(container)[:3] == ["python", "-m", "ops.dashboard"]
     assert flag(container, "redis_url") == "redis://dashboard@redis:6379/0"
     for name in ("redis_stream", "redis_channel"):
         assert flag(container, name) == flag(submit, name), name
@@ -808,7 +810,7 @@ def test_redis_start_script_limits_the_sink_user(tmp_path: Path):
     """Runs the ConfigMap's start.sh (paths moved into tmp_path) and probes the ACL."""
     import redis
 
-    from pipeline.local_servers import free_port
+    from runners.local_servers import free_port
 
     server = shutil.which("redis-server")
     if server is None:
@@ -864,9 +866,10 @@ def test_redis_start_script_limits_the_sink_user(tmp_path: Path):
             with pytest.raises(redis.exceptions.NoPermissionError):
                 denied()
         # The dashboard's user reads all it shows, and can change nothing.
-        from pipeline.dashboard import Dashboard, Keys
+        from bertstream.config import RedisConfig
+        from ops.dashboard import Dashboard
 
-        keys = Keys(url=f"redis://dashboard:dashboard-pw@127.0.0.1:{port}/0",
+        keys = RedisConfig(url=f"redis://dashboard:dashboard-pw@127.0.0.1:{port}/0",
                     window_prefix="sentiment:counts:")
         with Dashboard(keys, port=0) as dashboard:
             deadline = time.monotonic() + 10

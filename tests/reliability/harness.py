@@ -26,7 +26,7 @@ from pathlib import Path
 
 import redis
 
-from pipeline.local_servers import stop_process_group
+from runners.local_servers import stop_process_group
 from transforms.records import iso_from_seconds
 
 ROOT = Path(__file__).resolve().parents[2]

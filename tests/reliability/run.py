@@ -22,12 +22,13 @@ import time
 import traceback
 from pathlib import Path
 
-from pipeline.local_servers import LocalPubSubEmulator
+from bertstream.config import cache_dir
+from runners.local_servers import LocalPubSubEmulator
 from tests.reliability import scenarios, security
 from tests.reliability.harness import ENV_VAR, ROOT, Ctx
 from tests.reliability.hostile import hostile_input
 
-CACHE = Path(os.environ.get("BERTSTREAM_CACHE", Path.home() / ".cache" / "bertstream"))
+CACHE = cache_dir()
 SCENARIOS = {
     "hostile_input": lambda ctx: hostile_input(10_000 if ctx.full else 2_000),
     "redis_restart": scenarios.redis_restart,

@@ -18,7 +18,7 @@ from collections import Counter
 
 import redis
 
-from pipeline.local_servers import LocalRedis, free_port
+from runners.local_servers import LocalRedis, free_port
 from tests.reliability.harness import (
     DEADLETTER,
     ROOT,
@@ -221,7 +221,7 @@ def tfserving_outage(ctx: Ctx) -> dict:
     """The TF Serving peer goes away for longer than the retry budget (one
     retry, ~5 s) and comes back on the same port. Tweets sent during the
     outage are dead-lettered (stage inference, the gRPC status in the
-    reason); ``python -m pipeline.replay_deadletter --delete`` re-publishes
+    reason); ``python -m ops.replay_deadletter --delete`` re-publishes
     them to the running job, which scores them."""
     from pipeline.pipeline import make_options
     from tests.tfserving_peer import serve
@@ -239,7 +239,7 @@ def tfserving_outage(ctx: Ctx) -> dict:
     argv = job_argv(ctx, subscription, server.url, "--inference", "tfserving",
                     "--tfserving_target", peer.target)
     try:
-        handler = tfserving_handler(make_options(argv), num_retries=1, throttle_delay_secs=1)
+        handler = tfserving_handler(make_options(argv).tfserving_config(), num_retries=1, throttle_delay_secs=1)
         with InProcessJob(argv, handler):
             publish(topic, [message(t) for t in before])
             wait_until(lambda: _results(client) >= n, 240, "the results before the outage")
@@ -288,7 +288,7 @@ def tfserving_outage(ctx: Ctx) -> dict:
 
 def _replay(redis_url: str, topic: str) -> dict:
     done = subprocess.run(
-        [sys.executable, "-m", "pipeline.replay_deadletter", "--redis_url", redis_url,
+        [sys.executable, "-m", "ops.replay_deadletter", "--redis_url", redis_url,
          "--topic", topic, "--delete"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
@@ -400,7 +400,7 @@ def _now_iso() -> str:
 def slow_subscriber(ctx: Ctx) -> dict:
     """A pub/sub subscriber that reads 1 KiB every 100 ms is cut off by
     Redis's output buffer limit for pub/sub (64 kB hard, 32 kB for 2 s);
-    ``python -m pipeline.subscribe --from-start --json`` then recovers every
+    ``python -m ops.subscribe --from-start --json`` then recovers every
     result from the stream."""
     import socket
 
@@ -447,7 +447,7 @@ def slow_subscriber(ctx: Ctx) -> dict:
         reader.join(60)
         got_live = received.count(b"\r\nmessage\r\n")
         sub = subprocess.run(
-            [sys.executable, "-m", "pipeline.subscribe", "--redis_url", server.url,
+            [sys.executable, "-m", "ops.subscribe", "--redis_url", server.url,
              "--from-start", "--json", "--max-results", str(n), "--timeout", "5"],
             cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert sub.returncode == 0, sub.stderr[-2000:]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import redis
 
-from pipeline.local_servers import LocalRedis, free_port
+from runners.local_servers import LocalRedis, free_port
 from tests.reliability.harness import (
     DEADLETTER,
     RESULTS,
@@ -26,11 +26,13 @@ from tests.reliability.harness import (
 
 # What the sink sends (transforms/redis_sink.py): the two Lua scripts
 # (EVALSHA, SCRIPT LOAD/EXISTS when the cache is cold, and inside them SET,
-# XADD, PUBLISH, HINCRBY, EXPIRE), HGETALL of the totals, PING at start, and
+# XADD, PUBLISH, HINCRBY, EXPIRE), HGETALL of the totals and XRANGE/XREVRANGE
+# of the dead letters for the job's summary, PING at start, and
 # redis-py's connection handshake (AUTH, CLIENT SETINFO). k8s/base/redis
 # grants the same list.
 SINK_ACL = ["resetkeys", "~sentiment:*", "resetchannels", "&sentiment*", "-@all",
-            "+set", "+xadd", "+publish", "+hincrby", "+hgetall", "+expire", "+evalsha",
+            "+set", "+xadd", "+publish", "+hincrby", "+hgetall", "+xrange", "+xrevrange",
+            "+expire", "+evalsha",
             "+eval", "+script|load", "+script|exists", "+ping", "+hello", "+auth",
             "+client|setinfo", "+client|setname", "+client|id"]
 BAD_LINES = [b'{"id": "1", "text": ', b"\xff\xfe not utf-8"]
@@ -124,8 +126,8 @@ def tls(ctx: Ctx) -> dict:
     """``rediss://`` to a redis-server serving TLS with a certificate made
     here (openssl): the job writes through it with ``--redis_ca_file``; without
     the CA it stops at start instead of writing anywhere else."""
+    from bertstream.config import RedisConfig, check_connection
     from pipeline.pipeline import run
-    from transforms.redis_sink import RedisConfig, check_connection
 
     cert, key = ctx.work_dir / "redis.pem", ctx.work_dir / "redis.key"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
@@ -169,7 +171,7 @@ def no_secrets_in_output(ctx: Ctx) -> dict:
     sub = "projects/p/subscriptions/tweets-sub"
     runs = {
         "pipeline --help": [sys.executable, "-m", "pipeline", "--help"],
-        "replay_deadletter --help": [sys.executable, "-m", "pipeline.replay_deadletter",
+        "replay_deadletter --help": [sys.executable, "-m", "ops.replay_deadletter",
                                      "--help"],
         "ingest --help": [sys.executable, "-m", "ingest", "--help"],
         "launcher flink --dry_run": [sys.executable, "-m", "launcher", "flink", "--dry_run",

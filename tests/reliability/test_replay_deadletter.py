@@ -1,4 +1,4 @@
-"""``python -m pipeline.replay_deadletter`` against redis-server and the emulator."""
+"""``python -m ops.replay_deadletter`` against redis-server and the emulator."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import pytest
 import redis
 
-from pipeline.replay_deadletter import main
+from ops.replay_deadletter import main
 from tests.reliability.harness import DEADLETTER, ROOT
 from transforms.records import DeadLetter, Result
 
@@ -92,7 +92,7 @@ def test_flags_are_named_in_errors():
                         "--delete"],
                        [["--topic", "projects/p/topics/t", "--redis_url",
                          "redis://127.0.0.1:1/0"], "--redis_url"]):
-        proc = subprocess.run([sys.executable, "-m", "pipeline.replay_deadletter", *args],
+        proc = subprocess.run([sys.executable, "-m", "ops.replay_deadletter", *args],
                               cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2, (args, proc.stderr)
         assert flag in proc.stderr, (args, proc.stderr)

@@ -14,8 +14,8 @@ import tempfile
 import urllib.parse
 from dataclasses import dataclass
 
-from pipeline.local_servers import LocalRedis
-from transforms.redis_sink import check_connection, redacted
+from bertstream.config import check_connection, redacted
+from runners.local_servers import LocalRedis
 
 _LOG = logging.getLogger(__name__)
 _LOOPBACK = {"localhost", "127.0.0.1", "::1"}
@@ -34,10 +34,6 @@ class RedisInfo:
     @property
     def cli(self) -> str:
         return f"redis-cli -u {self.display_url}"
-
-    def argv(self, argv: list[str]) -> list[str]:
-        # argparse keeps the last value of a repeated flag.
-        return [*argv, f"--redis_url={self.url}"] if self.started else list(argv)
 
 
 @contextlib.contextmanager

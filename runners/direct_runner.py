@@ -91,7 +91,7 @@ def check(name: str, obj) -> None:
     if found != EXPECTED[name]:
         raise BeamChanged(
             f"apache_beam {apache_beam.__version__}: {name} is not the code "
-            f"pipeline/direct_runner.py patches (source sha256 {found}, expected "
+            f"runners/direct_runner.py patches (source sha256 {found}, expected "
             f"{EXPECTED[name]}); run with --direct_optimizations=off, or update the patch")
 
 

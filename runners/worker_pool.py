@@ -1,6 +1,6 @@
 """Beam's Python SDK worker pool, bound to one address: for local portable runs.
 
-``python -m pipeline.worker_pool --port P [--host 127.0.0.1]`` serves Beam's
+``python -m runners.worker_pool --port P [--host 127.0.0.1]`` serves Beam's
 ``BeamFnExternalWorkerPoolServicer``: a portable runner (the embedded Flink,
 Prism) asks it to start SDK workers (``--environment_type=EXTERNAL
 --environment_config=127.0.0.1:P``), which run as threads of this process.
@@ -23,7 +23,7 @@ import time
 from concurrent import futures
 from pathlib import Path
 
-from pipeline.local_servers import _LoggedServer, die_with_parent, free_port, run_logs
+from runners.local_servers import _LoggedServer, die_with_parent, free_port, run_logs
 
 _LOG = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def serve(host: str, port: int, preload: tuple[str, ...] = ()) -> None:
     # Imported while the runner starts the job: a worker's first bundle would
     # otherwise wait for TensorFlow (seconds) before its first result.
     if "tensorflow" in preload:
-        from pipeline.quiet import quiet_tensorflow
+        from bertstream.logs import quiet_tensorflow
 
         quiet_tensorflow()
     for module in preload:
@@ -91,7 +91,7 @@ def serve(host: str, port: int, preload: tuple[str, ...] = ()) -> None:
 
 
 class LocalWorkerPool(_LoggedServer):
-    """``python -m pipeline.worker_pool`` on 127.0.0.1, in its own process
+    """``python -m runners.worker_pool`` on 127.0.0.1, in its own process
     group, logging to a file."""
 
     name = "sdk-worker-pool"
@@ -111,7 +111,7 @@ class LocalWorkerPool(_LoggedServer):
     def launch(self) -> "LocalWorkerPool":
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pipeline.worker_pool", "--port", str(self.port)]
+                [sys.executable, "-m", "runners.worker_pool", "--port", str(self.port)]
                 + ([f"--preload={','.join(self.preload)}"] if self.preload else []),
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                 preexec_fn=die_with_parent,
@@ -120,14 +120,14 @@ class LocalWorkerPool(_LoggedServer):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.worker_pool",
+    p = argparse.ArgumentParser(prog="python -m runners.worker_pool",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--preload", default="",
                    help="comma-separated modules to import once listening (e.g. tensorflow)")
     args = p.parse_args(argv)
-    from pipeline.quiet import setup_logging
+    from bertstream.logs import setup_logging
 
     setup_logging(os.environ.get("BERTSTREAM_LOG_LEVEL", "info"))
     serve(args.host, args.port, tuple(m for m in args.preload.split(",") if m))

@@ -1,4 +1,4 @@
-"""``python -m pipeline.replay_deadletter``: send dead-lettered tweets back in.
+"""``python -m ops.replay_deadletter``: send dead-lettered tweets back in.
 
 Once the cause of a failure is fixed (TF Serving is back, Redis has room),
 the tweets that outlived their retries sit in the dead-letter stream with
@@ -23,7 +23,7 @@ Prints one JSON summary line at the end.
 
 Example::
 
-    python -m pipeline.replay_deadletter --redis_url redis://127.0.0.1:6379/0 \\
+    python -m ops.replay_deadletter --redis_url redis://127.0.0.1:6379/0 \\
         --topic projects/my-project/topics/tweets --stage inference --delete
 """
 
@@ -40,8 +40,8 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import NamedTuple
 
+from bertstream.config import RedisConfig, connect, redacted
 from transforms.records import iso_from_seconds, seconds_from_iso
-from transforms.redis_sink import RedisConfig, connect, redacted
 
 _LOG = logging.getLogger(__name__)
 _DEFAULT = RedisConfig()
@@ -123,7 +123,7 @@ def to_replay(entry_id: str, fields: dict, restamp: bool, now: float) -> Replay:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m pipeline.replay_deadletter",
+        prog="python -m ops.replay_deadletter",
         description="Re-publish dead-lettered tweets to the pipeline's input topic, once "
                     "the cause of their failure is fixed. Prints a JSON summary.",
         epilog="Parse-stage dead letters are skipped by default (they would fail again). "

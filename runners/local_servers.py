@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bertstream.config import cache_dir
+
 _LOG = logging.getLogger(__name__)
 
 EMULATOR_HINT = (
@@ -34,7 +36,7 @@ def run_logs(name: str) -> Path:
     """A new directory for one run's server logs, under the cache's ``logs/``
     (one place, pruned to the newest KEEP_RUN_LOGS), instead of a temporary
     directory per run left behind in /tmp."""
-    root = Path(os.environ.get("BERTSTREAM_CACHE", Path.home() / ".cache" / "bertstream")) / "logs"
+    root = cache_dir() / "logs"
     root.mkdir(parents=True, exist_ok=True)
     runs = sorted(root.iterdir(), key=lambda p: p.stat().st_mtime)
     for old in runs[:max(0, len(runs) - KEEP_RUN_LOGS + 1)]:

@@ -4,12 +4,12 @@
 it needs (``flags``); ``build`` consults the same profile once, for the
 choices the graph depends on (how Pub/Sub is read and acknowledged, the
 layout of the stateful steps) and, on Beam's legacy DirectRunner, to install
-``pipeline/direct_runner.py``. ``transforms/`` knows nothing about runners.
+``runners/direct_runner.py``. ``transforms/`` knows nothing about runners.
 
 | runner | Pub/Sub read | acknowledged | dedupe |
 |---|---|---|---|
 | DirectRunner, file | - (Beam runs it as a batch job on its FnApiRunner) | - | GroupByKey |
-| DirectRunner, Pub/Sub | Beam's ``ReadFromPubSub``, pulls adjusted by ``pipeline/direct_runner.py`` | by the graph, once written | 16 keys of id sets |
+| DirectRunner, Pub/Sub | Beam's ``ReadFromPubSub``, pulls adjusted by ``runners/direct_runner.py`` | by the graph, once written | 16 keys of id sets |
 | DirectRunner, ``--direct_optimizations=off`` | Beam's ``ReadFromPubSub`` as it ships | by Beam, on pull | a key per id |
 | PrismRunner | ``PullFromPubSub`` (a Python SDF) | by the graph | claims in Redis |
 | FlinkRunner | ``PullFromPubSub``; ``--pubsub_read=xlang``: Java ``PubsubIO`` | by the graph; xlang: by Flink at checkpoints | claims in Redis |
@@ -23,9 +23,10 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass
-from pathlib import Path
 
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from bertstream.config import cache_dir
 
 _LOG = logging.getLogger(__name__)
 
@@ -66,10 +67,6 @@ class FlinkJavaOptions(PipelineOptions):
                                 "this job claims")
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("BERTSTREAM_CACHE", Path.home() / ".cache" / "bertstream"))
-
-
 def find_prism() -> str | None:
     """The Prism binary: ``$BERTSTREAM_PRISM``, the one set-up built, or on PATH."""
     for candidate in (os.environ.get("BERTSTREAM_PRISM"), str(cache_dir() / "bin" / "prism")):
@@ -107,9 +104,8 @@ class RunnerProfile:
     # Window (and mark late) the tweets before inference rather than the
     # results after it. On Flink the window step's keyed exchange then also
     # parts pulling from inference (a stage each, run side by side), and
-    # results are not sent between processes once more: the drain of a
-    # backlog 0.75 -> 0.8x of the DirectRunner's (benchmarks/drain.py). Where
-    # all steps share a process this buys nothing.
+    # results are not sent between processes once more (the drain figures:
+    # docs/runners.md). Where all steps share a process this buys nothing.
     windows_before_inference: bool = False
 
     @property
@@ -120,7 +116,7 @@ class RunnerProfile:
     def install(self, o) -> None:
         """Runner-side set-up before the graph is built (once per job)."""
         if self.pubsub_read == DIRECT:
-            from pipeline import direct_runner
+            from runners import direct_runner
 
             direct_runner.install(o.direct_threads, o.direct_pubsub_max_messages,
                                   o.pubsub_lease_seconds)
@@ -129,7 +125,7 @@ class RunnerProfile:
     def local_workers(self, argv: list[str]):
         """Yields the flags of the SDK workers this run starts, and stops them
         after: on Prism without ``--environment_type``, a worker pool on
-        127.0.0.1 in a process of its own (``pipeline/worker_pool.py``), as the
+        127.0.0.1 in a process of its own (``runners/worker_pool.py``), as the
         local Flink launcher does.
 
         Beam's default there, LOOPBACK, runs the workers as threads of the
@@ -142,7 +138,7 @@ class RunnerProfile:
         if self.name != "PrismRunner" or _given(argv, "environment_type"):
             yield []
             return
-        from pipeline.worker_pool import LocalWorkerPool
+        from runners.worker_pool import LocalWorkerPool
 
         workers = LocalWorkerPool()
         try:
@@ -165,8 +161,8 @@ class RunnerProfile:
         out = [f"--{flag}={value}" for flag, value in wanted.items() if not _given(argv, flag)]
         # Not --max_cache_memory_usage_mb: the SDK's state cache weighs every
         # value it keeps with objsize, walking all loaded modules' globals
-        # (TensorFlow's included); measured on Prism, DedupeByTweetId ran at
-        # 204 tweets/s with a 100 MB cache and 620 without.
+        # (TensorFlow's included): on Prism, DedupeByTweetId ran three times
+        # slower with a 100 MB cache than with none.
         return out
 
 

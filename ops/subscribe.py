@@ -1,4 +1,4 @@
-"""``python -m pipeline.subscribe``: watch results arrive.
+"""``python -m ops.subscribe``: watch results arrive.
 
 Prints one line per result (label, score, latency, text) and one summary line
 per window. The latency is from the Pub/Sub publish to the result
@@ -21,8 +21,8 @@ import time
 from collections import Counter
 from typing import TextIO
 
+from bertstream.config import RedisConfig, connect, redacted
 from transforms.records import seconds_from_iso
-from transforms.redis_sink import RedisConfig, connect, redacted
 
 _DEFAULT = RedisConfig()
 
@@ -113,7 +113,7 @@ def replay_stream(client, stream: str, printer: Printer, batch: int = 1000,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.subscribe",
+    p = argparse.ArgumentParser(prog="python -m ops.subscribe",
                                 description="Print sentiment results as they arrive.")
     p.add_argument("--redis_url", default=_DEFAULT.url,
                    help="redis:// or rediss:// (REDIS_PASSWORD is used when the URL has none)")

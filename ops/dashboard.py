@@ -1,4 +1,4 @@
-"""``python -m pipeline.dashboard``: a live web page of the scored stream.
+"""``python -m ops.dashboard``: a live web page of the scored stream.
 
 It reads what the sink writes (``transforms/redis_sink.py``) and nothing else:
 the results stream (followed with ``XREAD``, which, unlike the channel, loses
@@ -14,7 +14,7 @@ reconnects with exponential backoff and reloads from the streams.
 
 Example::
 
-    python -m pipeline.dashboard --redis_url redis://127.0.0.1:6379/0 --port 8080
+    python -m ops.dashboard --redis_url redis://127.0.0.1:6379/0 --port 8080
 """
 
 from __future__ import annotations
@@ -33,10 +33,11 @@ from collections import Counter, deque
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-# Beam-free (a test checks): LABELS, the records' times and URL redaction, as the job has them.
-from transforms.contract import LABELS, iso_from_seconds, redacted, seconds_from_iso
+# Beam-free (a test checks): the settings and the contract's LABELS and times, as the job has them.
+from bertstream.config import RedisConfig, connect, redacted
+from transforms.contract import LABELS, iso_from_seconds, seconds_from_iso
 
 _LOG = logging.getLogger(__name__)
 
@@ -53,36 +54,10 @@ _SECURITY_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "
                      "Cross-Origin-Resource-Policy": "same-origin"}
 
 
-class Keys(NamedTuple):
-    """Where the sink writes; the names and defaults of the pipeline's flags.
-
-    Not imported from ``transforms.redis_sink``: that module imports Beam
-    (2.8 s and 240 MB before the first page). A test checks they agree.
-    """
-
-    url: str = "redis://localhost:6379/0"
-    stream: str = "sentiment:results"
-    channel: str = "sentiment"
-    dead_letter_stream: str = "sentiment:deadletter"
-    window_prefix: str = "sentiment:window:"
-    stats_key: str = "sentiment:stats"
-    ca_file: str | None = None
-
-
-def connect(keys: Keys):
-    """A redis-py client; as the sink's, ``REDIS_PASSWORD`` fills a URL without one.
-    No retries of its own: the reader's loop backs off and reports."""
-    import redis
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
-
-    kwargs: dict[str, Any] = {"socket_timeout": 5, "socket_connect_timeout": 3,
-                              "health_check_interval": 30, "retry": Retry(NoBackoff(), 0)}
-    if not urllib.parse.urlparse(keys.url).password and os.environ.get("REDIS_PASSWORD"):
-        kwargs["password"] = os.environ["REDIS_PASSWORD"]
-    if keys.url.startswith("rediss://") and keys.ca_file:
-        kwargs["ssl_ca_certs"] = keys.ca_file
-    return redis.Redis.from_url(keys.url, **kwargs)
+def _connect(config: RedisConfig):
+    """The dashboard's client: no retries of its own (its reader's loop backs off
+    and says "Redis unavailable")."""
+    return connect(config._replace(retries=0))
 
 
 def _seconds(value: Any) -> float | None:
@@ -137,7 +112,7 @@ class Feed:
     MIN_PUBLISH_SECONDS = 0.25
     MAX_BACKOFF_SECONDS = 5.0
 
-    def __init__(self, keys: Keys, history: int = 5000, latest: int = 25, windows: int = 60,
+    def __init__(self, keys: RedisConfig, history: int = 5000, latest: int = 25, windows: int = 60,
                  sample: int = 1000):
         self.keys = keys
         self._history, self._latest_n, self._windows_n, self._sample_n = (
@@ -290,7 +265,7 @@ class Feed:
         while not self._stop.is_set():
             client = None
             try:
-                client = connect(self.keys)
+                client = _connect(self.keys)
                 self._load(client)
                 self._set_redis(True, None)
                 backoff = 0.25
@@ -505,7 +480,7 @@ class _Server(ThreadingHTTPServer):
 class Dashboard:
     """The HTTP server and its feed, startable in a thread (as the tests do)."""
 
-    def __init__(self, keys: Keys, host: str = "127.0.0.1", port: int = 8080, **feed_args):
+    def __init__(self, keys: RedisConfig, host: str = "127.0.0.1", port: int = 8080, **feed_args):
         self.feed = Feed(keys, **feed_args)
         self.server = _Server((host, port), _Handler)
         self.server.feed = self.feed
@@ -538,9 +513,9 @@ class Dashboard:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    d = Keys()
+    d = RedisConfig()
     p = argparse.ArgumentParser(
-        prog="python -m pipeline.dashboard",
+        prog="python -m ops.dashboard",
         description="A live web page of the scored stream, read from the pipeline's Redis: "
                     "per-window counts (late data marked), the latest results and dead "
                     "letters, totals, tweets/s, latency and the model versions in use.")
@@ -592,9 +567,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    keys = Keys(args.redis_url, args.redis_stream, args.redis_channel,
-                args.redis_deadletter_stream, args.redis_window_prefix, args.redis_stats_key,
-                args.redis_ca_file)
+    keys = RedisConfig(url=args.redis_url, stream=args.redis_stream,
+                       channel=args.redis_channel, dead_letter_stream=args.redis_deadletter_stream,
+                       window_prefix=args.redis_window_prefix, stats_key=args.redis_stats_key,
+                       ca_file=args.redis_ca_file)
     try:
         dashboard = Dashboard(keys, args.host, args.port, history=args.history,
                               windows=args.windows, latest=args.latest)

@@ -1,0 +1,46 @@
+"""Quiet by default (issue 29): no TensorFlow or absl start-up line, nothing that
+looks like a fault, in a command's output unless --log_level debug asks.
+(tests/test_summary.py checks the same of a whole run on the bundled sample.)"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NOISE = ("E0000", "I0000", "W0000", "cuInit", "Resource module", "oneDNN supports", "absl::",
+         "Traceback")
+# A logged warning (a help text may name the level WARNING among its choices).
+WARNING_LINE = re.compile(r"^(\S+ \S+ )?WARNING\b")
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("command", [
+    ["pipeline", "--help"],
+    ["launcher", "flink", "--help"],
+    ["model", "predict", "--help"],
+    ["ops.subscribe", "--help"],
+    ["ops.dashboard", "--help"],
+    ["ops.replay_deadletter", "--help"],
+    ["ingest", "replay", "--help"],
+])
+def test_help_is_quiet(command):
+    done = subprocess.run([sys.executable, "-m", *command], cwd=ROOT, capture_output=True,
+                          text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    output = done.stdout + done.stderr
+    assert [line for line in output.splitlines()
+            if any(n in line for n in NOISE) or WARNING_LINE.match(line)] == []
+
+
+@pytest.mark.timeout(300)
+def test_debug_shows_tensorflows_own_lines_again(tiny_model_dir):
+    done = subprocess.run([sys.executable, "-m", "model", "--log_level", "debug", "predict",
+                           "--model", str(tiny_model_dir), "a fine day"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "cuda" in done.stderr.lower() or "I0000" in done.stderr
