@@ -19,7 +19,8 @@ help:
 	@echo "make test         set up, then run the whole test suite"
 	@echo "make bench        set up, then run the benchmarks (JSON on the last line of each)"
 	@echo "make reliability  set up, then the full fault and load suite"
-	@echo "make screenshot   set up, then save the README's dashboard picture (docs/dashboard.png)"
+	@echo "make screenshot   set up, then save the README's dashboard picture (docs/dashboard.png:"
+	@echo "                  the default model, a version rejected and one promoted in shadow)"
 	@echo "make lint         ruff over the project"
 	@echo "make setup        everything any target needs: venv + pip install, redis-server, the"
 	@echo "                  default model (cached), the Pub/Sub emulator check, the Flink jars,"
@@ -128,7 +129,7 @@ test: setup tf-serving-venv mpnet-reference-venv
 
 # The README's picture of the dashboard, saved by its browser test.
 screenshot: setup
-	BERTSTREAM_SCREENSHOT=$(CURDIR)/docs/dashboard.png $(PY) -m pytest tests/test_dashboard.py -k pipeline_run_and_a_new_result_live
+	BERTSTREAM_SCREENSHOT=$(CURDIR)/docs/dashboard.png $(PY) -m pytest tests/test_model_rollout.py -k streaming
 
 reliability: venv redis emulator model jars
 	$(PY) -m tests.reliability.run
@@ -137,7 +138,7 @@ bench: venv redis emulator model jars
 	$(PY) benchmarks/model_throughput.py --model $(MODEL_DIR)
 	$(PY) benchmarks/throughput.py --model_dir $(MODEL_DIR)
 	$(PY) benchmarks/runners.py --model_dir $(MODEL_DIR)
-	$(PY) benchmarks/latency.py --model_dir $(MODEL_DIR) --seconds 60
+	$(PY) benchmarks/latency.py --model_dir $(MODEL_DIR) --loads 0.5,0.7,0.8 --seconds 60
 	$(PY) benchmarks/ingest_throughput.py
 
 lint: venv

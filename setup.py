@@ -24,6 +24,8 @@ REQUIRED = [
     "redis>=5,<9",
     "google-cloud-pubsub>=2.20,<3",
     "grpcio>=1.60",
+    # The dashboard's GET /metrics (Prometheus text format).
+    "prometheus-client>=0.20,<1",
 ]
 
 DEV = [

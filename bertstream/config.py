@@ -47,6 +47,10 @@ class RedisConfig(NamedTuple):
     dead_letter_stream: str = "sentiment:deadletter"
     dedupe_prefix: str = "sentiment:seen:"
     stats_key: str = "sentiment:stats"
+    # Model versions the job has met, and each one's state and shadow figures
+    # (transforms/rollout.py writes them, the dashboard reads them).
+    models_key: str = "sentiment:models"
+    model_prefix: str = "sentiment:model:"
     stream_maxlen: int = 100_000
     dedupe_ttl_seconds: int = 7 * 24 * 3600
     window_ttl_seconds: int = 7 * 24 * 3600
@@ -122,6 +126,14 @@ def read_stats(config: RedisConfig) -> dict[str, int]:
         return {k.decode(): int(v) for k, v in client.hgetall(config.stats_key).items()}
     finally:
         client.close()
+
+
+# The publish -> result latency histogram the sink keeps in the totals hash:
+# bucket upper bounds in seconds; each result counts in the first bucket that
+# holds it (field LATENCY_BUCKET_PREFIX + bound, "+Inf" past the last), and the
+# dashboard's /metrics sums them into Prometheus' cumulative buckets.
+LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0)
+LATENCY_BUCKET_PREFIX = "latency_bucket:"
 
 
 class TFServingConfig(NamedTuple):

@@ -10,6 +10,7 @@ itself, on the address ``--flink_master`` names.
 from __future__ import annotations
 
 import json
+import re
 import time
 import urllib.error
 import urllib.request
@@ -58,6 +59,25 @@ class FlinkRest:
     def taskmanagers(self) -> list[dict]:
         return self.call("/taskmanagers").get("taskmanagers", [])
 
+    def prometheus_names(self, job_id: str) -> set[str]:
+        """The names Flink's Prometheus reporter gives the job's metrics, from the
+        metric ids its REST API lists: ``flink_`` + the metric group's logical
+        scope + ``_`` + the name, every character outside ``[a-zA-Z0-9:_]``
+        made ``_`` (the reporter's rule; the scope's variables, such as the
+        operator's name, become labels). Job metrics live on the JobManager
+        (``flink_jobmanager_job_``); a vertex's ``<subtask>.<name>`` ids are
+        task metrics and ``<subtask>.<operator>.<name>`` ones operator
+        metrics (Beam's counters among them: ``RunSentiment_batches``)."""
+        names = {_prometheus("jobmanager_job", m["id"])
+                 for m in self.call(f"/jobs/{job_id}/metrics")}
+        for vertex in self.call(f"/jobs/{job_id}")["vertices"]:
+            for metric in self.call(f"/jobs/{job_id}/vertices/{vertex['id']}/metrics"):
+                _, _, rest = metric["id"].partition(".")
+                operator, dot, name = rest.rpartition(".")
+                scope = "taskmanager_job_task_operator" if dot else "taskmanager_job_task"
+                names.add(_prometheus(scope, name))
+        return names
+
     def cancel(self, job_id: str, timeout_s: float = 60.0) -> str:
         """Cancels the job and waits until Flink says it ended; returns its state."""
         if self.state(job_id) not in TERMINAL:
@@ -92,3 +112,7 @@ class FlinkRest:
                 return operation["location"]
             time.sleep(0.5)
         raise TimeoutError(f"the savepoint of job {job_id} did not complete in {timeout_s:.0f}s")
+
+
+def _prometheus(scope: str, name: str) -> str:
+    return f"flink_{scope}_{re.sub(r'[^a-zA-Z0-9:_]', '_', name)}"

@@ -151,12 +151,16 @@ def fetch(flink_version: str = DEFAULT_FLINK_VERSION, force: bool = False) -> Pa
     lib = lib_dir(flink_version)
     if force or not _is_current(target / "READY", _ready_text(flink_version)):
         (target / "READY").unlink(missing_ok=True)
-        shutil.rmtree(lib, ignore_errors=True)
         _LOG.info("resolving Beam Java %s for Flink %s with Maven (about 215 MB, once)",
                   BEAM_JAVA_VERSION, flink_version)
+        # Into a new directory first: a failed resolve leaves the old jars in place.
+        incoming = target / "lib.incoming"
+        shutil.rmtree(incoming, ignore_errors=True)
         subprocess.run(["mvn", "-B", "-q", "-f", str(POM), "dependency:copy-dependencies",
-                        f"-Dflink.version={flink_version}", f"-DoutputDirectory={lib}",
+                        f"-Dflink.version={flink_version}", f"-DoutputDirectory={incoming}",
                         "-DincludeScope=runtime"], check=True)
+        shutil.rmtree(lib, ignore_errors=True)
+        incoming.rename(lib)
         (target / "READY").write_text(_ready_text(flink_version))
     (target / "LAUNCHERS").unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(prefix="bertstream-javac-") as classes:

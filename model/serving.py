@@ -62,6 +62,13 @@ def _uri_version_dirs(base: str) -> list[str]:
     return [f"{base.rstrip('/')}/{n}" for n in sorted(found, key=int)]
 
 
+def all_versions(base: str | Path) -> list[str]:
+    """Every numeric version directory under ``base`` (local or a URI), oldest first."""
+    if is_uri(base):
+        return _uri_version_dirs(str(base))
+    return [str(p) for p in version_dirs(Path(base))]
+
+
 def resolve(model: str | Path) -> str | Path:
     """A version directory: ``model`` itself when it holds saved_model.pb, else
     its newest numeric version (as TF Serving would pick). A local directory

@@ -37,6 +37,7 @@ from typing import Any
 
 # Beam-free (a test checks): the settings and the contract's LABELS and times, as the job has them.
 from bertstream.config import RedisConfig, connect, redacted
+from ops import metrics
 from transforms.contract import LABELS, iso_from_seconds, seconds_from_iso
 
 _LOG = logging.getLogger(__name__)
@@ -87,6 +88,25 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
+def _rollout_row(version: str, m: dict[str, str]) -> dict[str, Any]:
+    """One model version for the page: its state and, in shadow, how it compares."""
+
+    def number(name: str) -> float:
+        try:
+            return float(m.get(name, 0))
+        except ValueError:
+            return 0.0
+
+    scored, batches = number("scored"), number("batches")
+    return {"version": version, "state": m.get("state", ""), "reason": m.get("reason", ""),
+            "scored": int(scored), "errors": int(number("errors")),
+            "agreement": number("agreed") / scored if scored else None,
+            "labels": {label: int(number(f"label:{label}")) for label in LABELS},
+            "mean_confidence": number("confidence_milli") / 1000 / scored if scored else None,
+            "mean_batch_seconds": number("latency_ms") / 1000 / batches if batches else None,
+            "since": m.get("since", "")}
+
+
 class _Window:
     __slots__ = ("end", "seen", "late", "stored")
 
@@ -124,6 +144,9 @@ class Feed:
                                        "since": iso_from_seconds(time.time())}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Model versions by id: state and shadow figures (transforms/rollout.py).
+        self._models: dict[str, dict[str, str]] = {}
+        self._read_once = False
         self._reset()
 
     # --- state, touched by the reader thread only ---
@@ -224,13 +247,24 @@ class Feed:
         pipe.pubsub_numsub(k.channel)
         for start in dirty:
             pipe.hgetall(k.window_prefix + start)
-        stats, numsub, *hashes = pipe.execute()
+        pipe.smembers(k.models_key)
+        stats, numsub, *hashes, versions = pipe.execute()
         self._stats = {key.decode(): int(v) for key, v in stats.items() if v.lstrip(b"-").isdigit()}
         self._subscribers = int(numsub[0][1]) if numsub else 0
         for start, stored in zip(dirty, hashes):
             if start in self._win:
                 self._win[start].stored = {f.decode(): int(v) for f, v in stored.items()} or None
         self._dirty.clear()
+        versions = sorted(v.decode() for v in versions)
+        if versions:
+            pipe = client.pipeline(transaction=False)
+            for version in versions:
+                pipe.hgetall(k.model_prefix + version)
+            self._models = {v: {f.decode(): x.decode(errors="replace") for f, x in h.items()}
+                            for v, h in zip(versions, pipe.execute())}
+        else:
+            self._models = {}
+        self._read_once = True
 
     def _stream_was_reset(self, client) -> bool:
         """True when the results stream now ends before what we read (FLUSHALL, a
@@ -358,6 +392,8 @@ class Feed:
             "latest_results": list(reversed(self._latest)),
             "latest_dead_letters": list(reversed(self._dead)),
             "channel_subscribers": self._subscribers,
+            "rollout": [_rollout_row(version, m) for version, m in
+                        sorted(self._models.items(), key=lambda kv: kv[0], reverse=True)],
         }
 
     def _publish(self) -> None:
@@ -367,6 +403,10 @@ class Feed:
                 self._body = body
                 self._version += 1
                 self._changed.notify_all()
+
+    def metrics(self) -> bytes:
+        """Prometheus' text for a scrape: what was last read, never a wait on Redis."""
+        return metrics.render(self._stats, self._models, self._redis["ok"], self._read_once)
 
     def current(self) -> tuple[int, bytes]:
         with self._changed:
@@ -417,6 +457,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(HTTPStatus.OK, *self.server.files["index.html"])
         elif path.startswith("/static/") and path[8:] in self.server.files:
             self._send(HTTPStatus.OK, *self.server.files[path[8:]], cache="max-age=300")
+        elif path == "/metrics":
+            self._send(HTTPStatus.OK, feed.metrics(), metrics.CONTENT_TYPE)
         elif path == "/api/summary":
             self._send(HTTPStatus.OK, feed.current()[1], "application/json")
         elif path == "/api/events" and self.command == "GET":

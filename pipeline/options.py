@@ -9,8 +9,10 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from bertstream.config import RedisConfig, TFServingConfig
 from runners.direct_runner import DEFAULT_MAX_MESSAGES as DIRECT_MAX_MESSAGES
 from runners.direct_runner import DEFAULT_THREADS as DIRECT_THREADS
+from transforms.budget import LatencyBudget
 from transforms.inference import DEFAULT_MAX_BATCH_SIZE
 from transforms.pubsub import DEFAULT_LEASE_SECONDS, MAX_LEASE_SECONDS
+from transforms.rollout import Rollout
 from transforms.windowing import DEFAULT_ALLOWED_LATENESS_SECONDS
 
 SAMPLE_TWEETS = Path(__file__).resolve().parent / "data" / "sample_tweets.jsonl"
@@ -93,6 +95,11 @@ class BertstreamOptions(PipelineOptions):
         win.add_argument("--max_batch_size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
                          help="most tweets in one model call (batches are cut from what is "
                               "waiting, sorted by token length)")
+        win.add_argument("--latency_target_ms", type=float, default=None,
+                         help="publish -> result target the job holds (default: the window "
+                              "+ 1 s): a pull takes no more tweets, and a model call no more, "
+                              "than the model's measured cost lets it score within a share of "
+                              "it (transforms/budget.py); a lone tweet is never held")
         win.add_argument("--dedupe_ttl_seconds", type=float, default=600,
                          help="how long (in event time) the pipeline remembers a tweet id in "
                               "Beam state (DirectRunner, Dataflow; on Flink and Prism the ids "
@@ -107,10 +114,26 @@ class BertstreamOptions(PipelineOptions):
                               "(env BERTSTREAM_MODEL_DIR)")
         inf.add_argument("--model_reload_seconds", type=float, default=30,
                          help="how often a worker looks for a newer version under --model_dir "
-                              "(TF Serving's layout, <dir>/<version>/) and switches to it once "
-                              "it has loaded and scored a check text; a version that fails is "
-                              "logged and skipped. 0: never (also when --model_dir names a "
+                              "(TF Serving's layout, <dir>/<version>/) and, once it has loaded "
+                              "and scored a check text, rolls it out as --model_rollout says; a "
+                              "version that fails is logged and skipped. 0: never (also when --model_dir names a "
                               "version directory)")
+        inf.add_argument("--model_rollout", choices=("shadow", "immediate"), default="shadow",
+                         help="what a new version found by --model_reload_seconds does: "
+                              "shadow scores live tweets beside the serving version, "
+                              "unpublished, and serves only once the gates below pass; "
+                              "immediate serves once it loads and scores a check text "
+                              "(local inference; TF Serving applies its own version policy)")
+        inf.add_argument("--shadow_share", type=float, default=1.0,
+                         help="share of the tweets a version in shadow scores (the same tweets "
+                              "on every worker, picked by a hash of the text)")
+        inf.add_argument("--shadow_tweets", type=int, default=500,
+                         help="tweets scored in shadow before the gates decide")
+        inf.add_argument("--shadow_min_agreement", type=float, default=0.7,
+                         help="reject a version in shadow that gave the serving version's "
+                              "label to fewer than this share of the tweets")
+        inf.add_argument("--shadow_max_errors", type=int, default=0,
+                         help="reject a version in shadow that failed on more tweets than this")
         inf.add_argument("--model_signature", default="serving_default",
                          help="signature of the local SavedModel")
         inf.add_argument("--tfserving_target", default="bertservice:8500",
@@ -165,6 +188,17 @@ class BertstreamOptions(PipelineOptions):
             dedupe_ttl_seconds=self.redis_dedupe_ttl_seconds, retries=self.redis_retries,
             ca_file=self.redis_ca_file)
 
+    def latency_budget(self) -> LatencyBudget:
+        """--latency_target_ms, or the window + 1 s."""
+        target = self.latency_target_ms
+        return LatencyBudget(target if target is not None else (self.window_seconds + 1) * 1000)
+
+    def rollout(self) -> Rollout:
+        return Rollout(mode=self.model_rollout, redis=self.redis_config(),
+                       share=self.shadow_share, tweets=self.shadow_tweets,
+                       min_agreement=self.shadow_min_agreement,
+                       max_errors=self.shadow_max_errors)
+
     def tfserving_config(self) -> TFServingConfig:
         return TFServingConfig(
             target=self.tfserving_target, model_name=self.tfserving_model_name,
@@ -188,12 +222,15 @@ class BertstreamOptions(PipelineOptions):
             raise ValueError("--window_seconds must be positive")
         if self.max_batch_size < 1:
             raise ValueError("--max_batch_size must be at least 1")
+        if self.latency_target_ms is not None and self.latency_target_ms <= 0:
+            raise ValueError("--latency_target_ms must be positive (milliseconds)")
         if self.allowed_lateness_seconds < 0:
             raise ValueError("--allowed_lateness_seconds must not be negative")
         if self.stop_after_idle_seconds < 0:
             raise ValueError("--stop_after_idle_seconds must not be negative")
         if self.model_reload_seconds < 0:
             raise ValueError("--model_reload_seconds must not be negative")
+        self.rollout().validate()
         if self.direct_threads < 1:
             raise ValueError("--direct_threads must be at least 1")
         if self.direct_pubsub_max_messages < 1:

@@ -89,7 +89,7 @@ class ReadTweets(beam.PTransform):
         if self._profile.pubsub_read == profiles.PULL:
             return p | "PullPubSub" >> PullFromPubSub(
                 self._subscription, lease_seconds=o.pubsub_lease_seconds,
-                emulator_host=o.pubsub_emulator_host)
+                emulator_host=o.pubsub_emulator_host, budget=o.latency_budget())
         if self._profile.pubsub_read == profiles.XLANG:
             from apache_beam.io.external.gcp.pubsub import ReadFromPubSub as XlangRead
 
@@ -131,7 +131,7 @@ def model_handler(o: BertstreamOptions):
         from transforms.tfserving import tfserving_handler
 
         return tfserving_handler(o.tfserving_config())
-    return local_handler(o.model_dir, o.model_signature, o.model_reload_seconds)
+    return local_handler(o.model_dir, o.model_signature, o.model_reload_seconds, o.rollout())
 
 
 class Outputs(NamedTuple):
@@ -159,7 +159,7 @@ def build(p: beam.Pipeline, o: BertstreamOptions, handler=None) -> Outputs:
     by_event_time = WindowByEventTime(o.window_seconds, o.allowed_lateness_seconds,
                                       profile.late_shards)
     score = RunSentiment(handler or model_handler(o), o.max_batch_size,
-                         TokenCounter.for_model(o.model_dir))
+                         TokenCounter.for_model(o.model_dir), o.latency_budget())
     # Batches form in processing time, across windows, whatever the event-time
     # density (RunSentiment batches in the global window); each result carries
     # the window of its event time, marked before or after inference as the

@@ -6,11 +6,13 @@ FnApiRunner and needs none of this). As Beam ships it, that runner pulls 10
 Pub/Sub messages per bundle, acknowledges them before they are processed
 (a killed job loses them), waits up to 30 s in each empty pull while no timer
 can fire, runs every bundle on one thread, and inspects every DoFn again for
-every bundle. ``install`` changes four private parts of it, in this process:
+every bundle. ``install`` changes these private parts of it, in this process:
 
 1. **Pub/Sub pulls** (``transform_evaluator._PubSubReadEvaluator``): its
    subscriber client is wrapped so that a pull returns at once, drains a
-   backlog up to ``max_messages`` per bundle, extends the pulled messages'
+   backlog up to ``max_messages`` per bundle (fewer when the latency target,
+   ``transforms/budget.py``, says a bundle that size would be scored too
+   late), extends the pulled messages'
    ack deadline to ``lease_seconds``, does *not* acknowledge, and hands each
    message's ack id on in an attribute (``ACK_ID_ATTRIBUTE``), which
    ``pipeline.envelope_of`` moves into the ``Envelope``. The graph's
@@ -25,6 +27,12 @@ every bundle. ``install`` changes four private parts of it, in this process:
    and timers read from a step's per-key states while another thread's
    bundle adds a key ("dictionary changed size during iteration", which
    failed the job: ``watermark_manager._TransformWatermarks``).
+   And two for latency under load: Beam adds input from its roots (the next
+   Pub/Sub pull) only once every step has finished its bundle, so a tweet
+   waited up to two whole cycles; here the next pull starts as soon as a
+   thread is free (``_MonitorTask._add_work_if_necessary``). Bundles waiting
+   at a stateful step ran newest first (``deque.pop``); here first come,
+   first served (``_SerialEvaluationState``).
 3. **DoFn inspection** (``userstate.get_dofn_specs``): computed once per
    DoFn class instead of three to five times per bundle and step.
 
@@ -68,6 +76,10 @@ EXPECTED = {
         "d495932bcc1cbe61",
     "runners.direct.executor._ExecutorServiceParallelExecutor._MonitorTask.call":
         "1ee55554baa99876",
+    "runners.direct.executor._ExecutorServiceParallelExecutor._MonitorTask."
+    "_add_work_if_necessary": "9899e67c4b7b57e5",
+    "runners.direct.executor._SerialEvaluationState._update_currently_evaluating":
+        "ee2071ff91b08184",
     "transforms.userstate.get_dofn_specs":
         "eeb36145d3115aa0",
     "runners.direct.watermark_manager._TransformWatermarks.extract_transform_timers":
@@ -123,7 +135,7 @@ _lock = threading.Lock()
 
 
 def install(threads: int = DEFAULT_THREADS, max_messages: int = DEFAULT_MAX_MESSAGES,
-            lease_seconds: int = 60) -> None:
+            lease_seconds: int = 60, budget=None) -> None:
     """Applies the patches to Beam's DirectRunner in this process (for
     pipelines started from now on). Raises ``BeamChanged`` before changing
     anything when Beam's code differs."""
@@ -131,7 +143,7 @@ def install(threads: int = DEFAULT_THREADS, max_messages: int = DEFAULT_MAX_MESS
         raise ValueError("--direct_threads must be at least 1")
     with _lock:
         check_all()
-        _patch_pubsub(max_messages, lease_seconds)
+        _patch_pubsub(max_messages, lease_seconds, budget)
         _patch_executor(threads)
         _patch_specs()
 
@@ -143,12 +155,17 @@ class _HoldingPuller:
     """A SubscriberClient whose ``pull`` gathers up to ``max_messages`` without
     waiting, and whose ``acknowledge`` does nothing (the graph acknowledges)."""
 
-    def __init__(self, client, max_messages: int, lease_seconds: int):
+    def __init__(self, client, max_messages: int, lease_seconds: int, budget=None):
         self._client = client
-        self._max = max_messages
+        self._configured = max_messages
         self._lease = lease_seconds
+        self._budget = budget  # transforms.budget.LatencyBudget
 
     def pull(self, subscription, max_messages=None, timeout=None, **kwargs):
+        # What the latency target lets one bundle hold, at the model's cost
+        # as this process measures it (transforms/budget.py).
+        self._max = (self._budget.bundle_limit(self._configured) if self._budget
+                     else self._configured)
         # A short deadline, not Beam's 30 s long poll: a waiting pull holds a
         # DirectRunner thread, and with it every timer.
         response = self._pull(subscription, self._max)
@@ -197,7 +214,7 @@ class _HoldingPuller:
         return getattr(self._client, name)
 
 
-def _patch_pubsub(max_messages: int, lease_seconds: int) -> None:
+def _patch_pubsub(max_messages: int, lease_seconds: int, budget=None) -> None:
     from apache_beam.runners.direct import transform_evaluator as te
 
     base = getattr(te._PubSubReadEvaluator, "_bertstream_original", te._PubSubReadEvaluator)
@@ -207,7 +224,7 @@ def _patch_pubsub(max_messages: int, lease_seconds: int) -> None:
         # _read_from_pubsub, calls it through self.
         def _get_subscriber_client(self, transform):
             return _HoldingPuller(base._get_subscriber_client(transform), max_messages,
-                                  lease_seconds)
+                                  lease_seconds, budget)
 
     _HoldingPullEvaluator._bertstream_original = base
     # TransformEvaluatorRegistry looks the evaluator up by this module-level
@@ -251,10 +268,54 @@ def _patch_executor(threads: int) -> None:
                     updates.not_empty.wait(MONITOR_WAIT_SECONDS)
         return call(self, state_sampler)
 
+    add_work = monitor._add_work_if_necessary
+
+    def _add_work_if_necessary(self, timers_fired):
+        if timers_fired or not self._is_executing():
+            return add_work(self, timers_fired)
+        # Beam adds root input (the next Pub/Sub pull) only once every step
+        # has finished its bundle: pull, parse, model, Redis, ack, then the
+        # next pull. Here the next pull starts while later steps still run,
+        # as long as a thread is free and that root is not already running.
+        executor_ = self._executor
+        running = executor_.transform_executor_services.executors
+        if sum(not e.blocked for e in running) >= parallel.NUM_WORKERS:
+            return None
+        busy = {e._applied_ptransform for e in running}
+        for node, bundles in list(executor_.node_to_pending_bundles.items()):
+            if bundles and node not in busy and \
+                    not executor_.evaluation_context.is_done(node):
+                executor_.node_to_pending_bundles[node] = []
+                for bundle in bundles:
+                    executor_.schedule_consumption(node, bundle, [],
+                                                   executor_.default_completion_callback)
+        return None
+
+    serial = executor._SerialEvaluationState
+    update_serial = serial._update_currently_evaluating
+
+    def _update_currently_evaluating(self, new_work, completed_work):
+        # Beam takes the newest waiting bundle (deque.pop): once bundles queue
+        # at a stateful step, the oldest wait longest. First come, first served.
+        with self._lock:
+            if new_work:
+                self.serial_queue.append(new_work)
+            if completed_work:
+                assert self.currently_evaluating == completed_work
+                self.currently_evaluating = None
+            if self.serial_queue and not self.currently_evaluating:
+                next_work = self.serial_queue.popleft()
+                self.currently_evaluating = next_work
+                executor._TransformEvaluationState.schedule(self, next_work)
+
     _should_shutdown.__wrapped__ = should_shutdown
     _call.__wrapped__ = call
+    _add_work_if_necessary.__wrapped__ = add_work
+    _update_currently_evaluating.__wrapped__ = update_serial
     monitor._should_shutdown = _should_shutdown
     monitor.call = _call
+    monitor._add_work_if_necessary = _add_work_if_necessary
+    serial._update_currently_evaluating = _update_currently_evaluating
     executor._ExecutorService._ExecutorServiceWorker.TIMEOUT = IDLE_WORKER_POLL_SECONDS
     _patch_timer_extraction()
     _installed.add("executor")

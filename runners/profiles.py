@@ -119,7 +119,7 @@ class RunnerProfile:
             from runners import direct_runner
 
             direct_runner.install(o.direct_threads, o.direct_pubsub_max_messages,
-                                  o.pubsub_lease_seconds)
+                                  o.pubsub_lease_seconds, o.latency_budget())
 
     @contextlib.contextmanager
     def local_workers(self, argv: list[str]):

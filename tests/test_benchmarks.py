@@ -55,3 +55,47 @@ def test_train_step_times_both_precisions():
     assert row["float32"] > 0 and row["bfloat16"] > 0
     assert row["speedup"] == round(row["float32"] / row["bfloat16"], 2)
     assert row["runs"] == {"float32": [row["float32"]], "bfloat16": [row["bfloat16"]]}
+
+
+@pytest.mark.timeout(600)
+def test_shadow_benchmark_reports_each_mode(tiny_model_dir):
+    done = subprocess.run(
+        [sys.executable, "benchmarks/shadow.py", "--n", "80", "--model_dir", str(tiny_model_dir),
+         "--modes", "no-shadow,shadow-all", "--rate", "20", "--seconds", "3"],
+        cwd=ROOT, capture_output=True, text=True, timeout=590)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    plain, shadow = out["modes"]["no-shadow"], out["modes"]["shadow-all"]
+    for row in (plain, shadow):
+        assert row["drain_tps"] > 0 and row["startup_s"] > 0 and row["live_missing"] == 0
+    assert plain["drain_vs_no_shadow"] == 1.0
+    assert shadow["drain_vs_no_shadow"] == pytest.approx(
+        shadow["drain_tps"] / plain["drain_tps"], abs=0.01)
+    # Version 2 scored the backlog in shadow and never served.
+    assert shadow["shadow_state"] == "shadow" and shadow["shadow_scored"] >= 80
+    assert shadow["served_by"] == ["1"]
+
+
+@pytest.mark.timeout(600)
+def test_latency_reports_each_load_in_the_issue_keys(tiny_model_dir):
+    """Two short loads on the tiny model, the capacity given: one JSON object
+    last with capacity_tps and runs[{load, rate_tps, p50_ms, p99_ms,
+    p99_ms_per_10s, missing}], and the SLO load the runs support."""
+    run = subprocess.run(
+        [sys.executable, "benchmarks/latency.py", "--model_dir", str(tiny_model_dir),
+         "--capacity", "40", "--loads", "0.25,0.5", "--seconds", "6", "--trickle", "0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=580, check=False)
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["capacity_tps"] == 40 and out["target_ms"] == 3000
+    assert [r["load"] for r in out["runs"]] == [0.25, 0.5]
+    for r in out["runs"]:
+        assert r["rate_tps"] == pytest.approx(r["load"] * 40)
+        assert r["missing"] == 0, r
+        assert 0 < r["p50_ms"] <= r["p99_ms"] <= r["max_ms"]
+        assert r["p99_ms_per_10s"] and all(p > 0 for p in r["p99_ms_per_10s"])
+        assert r["within_target"] == (r["p99_ms"] <= 3000 and
+                                      max(r["p99_ms_per_10s"]) <= 3000)
+    held = [r["load"] for r in out["runs"] if r["within_target"]]
+    assert out["slo_load"] == (max(held) if held else None)
+    assert run.returncode == (0 if len(held) == 2 else 1), run.stderr[-3000:]
+    assert out["trickle"] is None

@@ -24,6 +24,7 @@ import pytest
 
 from launcher import jars
 from launcher.flink_rest import FlinkRest
+from ops.metrics import FLINK
 from tests.streams import PacedPublisher, publish, result_ids, sample_messages, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -150,6 +151,15 @@ def test_every_tweet_once_and_sigterm_cancels_the_job(cluster, pubsub_names, red
     time.sleep(3)  # a double would land by now
     assert job.flink_state() == "RUNNING"
     flink_id = job.flink_id()
+    # What the Grafana dashboard reads through Flink's Prometheus reporter
+    # (ops/metrics.py FLINK): named as that reporter names what Flink lists.
+    # (Flink's REST lists what its metric fetcher last collected, every 10 s.)
+    missing = set(FLINK)
+    deadline = time.monotonic() + 60
+    while missing and time.monotonic() < deadline:
+        missing = set(FLINK) - job.rest.prometheus_names(flink_id)
+        time.sleep(2)
+    assert not missing, f"the running job has no {sorted(missing)}"
     assert job.stop() == 0, job.text()[-3000:]
     assert job.rest.state(flink_id) == "CANCELED"  # Flink's word, not only Beam's
     assert "job ended CANCELED" in job.text()

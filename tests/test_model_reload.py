@@ -59,7 +59,7 @@ def test_a_new_version_takes_over_and_a_broken_one_is_refused(
     options = make_options(["--runner=DirectRunner",
                             f"--input_subscription={pubsub_names['subscription']}",
                             f"--redis_url={redis_url}", f"--model_dir={base}",
-                            "--model_reload_seconds=1"])
+                            "--model_reload_seconds=1", "--model_rollout=immediate"])
     pipeline = beam.Pipeline(options=options)
     build(pipeline, options)
     client = redis.Redis.from_url(redis_url)

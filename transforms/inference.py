@@ -33,7 +33,20 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
 
+from transforms import budget as latency
+from transforms.budget import LatencyBudget
 from transforms.records import LABELS, DeadLetter, Result, Tweet, now_iso
+from transforms.rollout import (
+    IMMEDIATE,
+    PROMOTE,
+    REJECT,
+    SHADOW,
+    Rollout,
+    ShadowLedger,
+    compare,
+    failed,
+    judge,
+)
 
 _LOG = logging.getLogger(__name__)
 STAGE = "inference"
@@ -206,13 +219,26 @@ class LengthBatchedHandler(ModelHandler):
     element becomes one ``InferenceFailure`` instead of taking its batch
     with it. What fails outside ``run_inference`` (loading the model, say)
     still reaches ``RunInference.with_exception_handling``.
+
+    Each call's time per tweet goes into the process's ``CostMeter``, from
+    which the latency ``budget`` sizes bundles and calls; a batch longer than
+    the budget lets one call take is scored in consecutive parts (sorted by
+    length already, so each part still pads little).
     """
 
-    def __init__(self, inner: ModelHandler, token_counter: Optional[TokenCounter] = None):
+    def __init__(self, inner: ModelHandler, token_counter: Optional[TokenCounter] = None,
+                 budget: Optional[LatencyBudget] = None):
         super().__init__()
         self._inner = inner
         self._count = token_counter or TokenCounter()
+        self._budget = budget
         self._batch_sizes = Metrics.distribution("RunSentiment", "batch_size")
+        # Counters beside the distribution: Flink's Prometheus reporter exports a
+        # Beam distribution as 0 (a gauge of a non-number), so the Grafana
+        # dashboard takes mean batch size and inference time from these rates.
+        self._batches = Metrics.counter("RunSentiment", "batches")
+        self._batched = Metrics.counter("RunSentiment", "batched_tweets")
+        self._inference_ms = Metrics.counter("RunSentiment", "inference_ms")
         self._real_tokens = Metrics.counter("RunSentiment", "real_tokens")
         self._padded_tokens = Metrics.counter("RunSentiment", "padded_tokens")
         self._failed = Metrics.counter("RunSentiment", "element_failures")
@@ -222,11 +248,26 @@ class LengthBatchedHandler(ModelHandler):
 
     def run_inference(self, batch: Sequence[bytes], model: Any,
                       inference_args: Optional[Mapping[str, Any]] = None) -> Iterable[Any]:
+        limit = self._budget.batch_limit(len(batch)) if self._budget else len(batch)
+        if len(batch) <= limit:
+            return self._call(batch, model, inference_args)
+        return [r for i in range(0, len(batch), limit)
+                for r in self._call(batch[i:i + limit], model, inference_args)]
+
+    def _call(self, batch, model, inference_args) -> list[Any]:
         lengths = [self._count(t) for t in batch]
         self._batch_sizes.update(len(batch))
+        self._batches.inc()
+        self._batched.inc(len(batch))
         self._real_tokens.inc(sum(lengths))
         self._padded_tokens.inc(max(lengths, default=0) * len(batch))
-        return self._run(batch, model, inference_args)
+        started = time.monotonic()
+        try:
+            return self._run(batch, model, inference_args)
+        finally:
+            elapsed_ms = (time.monotonic() - started) * 1000
+            self._inference_ms.inc(int(elapsed_ms))
+            latency.METER.record(len(batch), elapsed_ms)
 
     def _run(self, batch, model, inference_args) -> list[Any]:
         try:
@@ -250,6 +291,20 @@ class LengthBatchedHandler(ModelHandler):
 
     def model_copies(self) -> int:
         return self._inner.model_copies()
+
+
+# Eight texts of a tweet's usual length (15-35 WordPiece tokens), timed in a
+# batch of 32 at load.
+_WARM_UP_TEXTS = tuple(text.encode() for text in (
+    "just landed in lisbon and the sun is out, best start to a holiday ever",
+    "the update broke my settings again, third time this month, really annoying",
+    "watching the match tonight with friends, anyone know where it is streaming?",
+    "@user thanks for the quick reply, the replacement arrived this morning",
+    "traffic on the bridge is terrible again, 40 minutes to move two miles",
+    "new episode drops friday and honestly i cannot wait to see what happens",
+    "customer service put me on hold for an hour and then hung up http",
+    "not sure how i feel about the ending, it was fine i guess",
+))
 
 
 class _TF2Session:
@@ -287,13 +342,21 @@ class _TF2Session:
         })).SerializeToString()
 
     def _warm_up(self) -> None:
-        """One call at load time, as TF Serving does with its warm-up
-        requests: the first call of a loaded signature costs about 0.6 s more
-        than the next (measured on MiniLM), which the first tweets of a
-        stream would otherwise wait for. Later shapes cost nothing extra."""
-        text = self.input_for(b"warm up")
+        """Calls at load time, as TF Serving does with its warm-up requests:
+        the first call of a loaded signature costs 0.6-2 s more than the
+        next on MiniLM (the more on a busy machine), which the first tweets of a stream would otherwise
+        wait for (a first call at a new shape costs 1.3-1.4x the next, tens of
+        ms: not worth a grid of shapes). Then one timed batch of tweet-length
+        texts gives the latency budget a first cost per tweet
+        (``transforms/budget.py``) before any tweet arrives."""
+        tf = self._tf
         try:
-            self._fn(**{self._arg: self._tf.constant([text], dtype=self._tf.string)})
+            self._fn(**{self._arg: tf.constant([self.input_for(b"warm up")], dtype=tf.string)})
+            batch = tf.constant([self.input_for(text) for text in _WARM_UP_TEXTS] * 4,
+                                dtype=tf.string)
+            started = time.monotonic()
+            self._fn(**{self._arg: batch})
+            latency.METER.record(int(batch.shape[0]), (time.monotonic() - started) * 1000)
         except Exception as err:  # noqa: BLE001 - only an optimization; real calls report errors
             _LOG.info("model warm-up call failed (%s); the first batch will pay for it", err)
 
@@ -362,48 +425,94 @@ def load_version(version_dir: str, signature: str) -> LoadedVersion:
     if probabilities.shape != (1, len(LABELS)) or not np.isfinite(probabilities).all():
         raise ValueError(f"'probabilities' has shape {probabilities.shape}, not "
                          f"(batch, {len(LABELS)})")
-    base = version_dir.rstrip("/").rsplit("/", 1)[-1]
-    return LoadedVersion(base if base.isdigit() else "0", version_dir, tfx, session)
+    return LoadedVersion(version_of(version_dir), version_dir, tfx, session)
+
+
+def version_of(version_dir: str) -> str:
+    """The version results carry: the directory's number ("0" for a directory
+    that is not a numbered version)."""
+    base = str(version_dir).rstrip("/").rsplit("/", 1)[-1]
+    return base if base.isdigit() else "0"
 
 
 class ModelSlot:
-    """The model version this worker process scores with.
+    """The model version this worker process scores with, and the one in shadow.
 
     Given a base directory (TF Serving's layout, ``<base>/<version>/``), a
     thread of its own looks for a newer version every ``reload_seconds`` and
-    loads it while the current one keeps scoring; once the new one
-    has loaded and scored a check text it takes over. A version that fails
-    (unloadable, wrong signature, wrong outputs) is logged with the reason and
-    not tried again; the current version keeps serving.
+    loads it while the current one keeps scoring. What happens next is the
+    rollout's (``transforms/rollout.py``): ``immediate`` switches once the new
+    version has loaded and scored a check text; ``shadow`` (the job's default)
+    has it score the live tweets beside the serving version, unpublished,
+    until the gates promote or reject it. A version that fails (unloadable,
+    wrong signature, wrong outputs, rejected in shadow) is logged with the
+    reason and not tried again until its files change; the current version
+    keeps serving.
 
     Why not Beam's ``RunInference(model_metadata_pcoll=WatchFilePattern(...))``:
     its side input comes from ``PeriodicImpulse``, a splittable DoFn, and on
     the runners this job runs locally (the legacy DirectRunner, Prism) a
     pipeline with it emitted nothing in 40 s; it also fails the bundle, and
-    with it the job, when a new version does not load. This check runs in
-    the handler, the same on every runner.
+    with it the job, when a new version does not load; and it has no shadow.
+    This check runs in the handler, the same on every runner.
     """
 
-    def __init__(self, model_dir: str, signature: str, reload_seconds: float):
+    def __init__(self, model_dir: str, signature: str, reload_seconds: float,
+                 rollout: Optional[Rollout] = None):
         from model.serving import resolve
 
         self._signature = signature
+        self._rollout = rollout or Rollout(mode=IMMEDIATE)
         first = str(resolve(model_dir))
         self._base = None if first.rstrip("/") == str(model_dir).rstrip("/") else str(model_dir)
         self._reload_seconds = reload_seconds
         self._lock = threading.Lock()
+        # Shadow figures are shared through Redis; without a rollout (a
+        # benchmark, a test of the handler alone) nothing is recorded.
+        self._ledger = ShadowLedger(self._rollout) if rollout is not None else None
+        if self._ledger and self._base and self._rollout.mode == SHADOW:
+            first = self._start_version(first)
         self._current = load_version(first, signature)
-        # Version dir -> the fingerprint it had when it failed to load: tried
-        # again only once its files change (it may have been half copied).
-        self._rejected: dict[str, tuple] = {}
+        self._shadow: LoadedVersion | None = None
+        # Version dir -> the fingerprint it had when it failed or was
+        # rejected: tried again only once its files change (it may have been
+        # half copied).
+        self._rejected: dict[str, str] = {}
+        self._fingerprints: dict[str, str] = {first: _fingerprint(first)}
         self._loading: threading.Thread | None = None
+        self._record_failures = 0
+        if self._ledger:
+            self._ledger.serving(self._current.version, self._fingerprints[first])
         _freeze_heap()
         if self._base and reload_seconds > 0:
             threading.Thread(target=self._watch, daemon=True,
                              name="bertstream-model-watch").start()
 
+    def _start_version(self, newest: str) -> str:
+        """In shadow mode a (re)starting worker serves the newest version that
+        Redis says served or was promoted with these same files, so a version
+        copied in while the job was down is still shadowed first; with no such
+        record (a first start), the newest version not rejected."""
+        from model.serving import all_versions
+
+        dirs = all_versions(self._base) or [newest]
+        known = self._ledger.states([version_of(d) for d in dirs])
+        candidates = []
+        for version_dir in reversed(dirs):
+            record = known.get(version_of(version_dir), {})
+            if record.get("fingerprint") and record["fingerprint"] == _fingerprint(version_dir):
+                if record.get("decision") == REJECT:
+                    continue
+                if record.get("state") in ("serving", "promoted"):
+                    return version_dir
+            candidates.append(version_dir)
+        return candidates[0] if candidates else newest
+
     def current(self) -> LoadedVersion:
         return self._current
+
+    def shadow(self) -> LoadedVersion | None:
+        return self._shadow
 
     def _watch(self) -> None:
         while True:
@@ -417,6 +526,13 @@ class ModelSlot:
     def _check(self) -> None:
         from model.serving import resolve
 
+        shadow = self._shadow
+        if shadow is not None:
+            # Another worker may have decided on the counts we share.
+            decided = self._ledger.decision(shadow.version)
+            if decided:
+                self._apply(shadow, *decided)
+            return
         with self._lock:
             if self._loading is not None:
                 return
@@ -429,11 +545,26 @@ class ModelSlot:
             fingerprint = _fingerprint(newest)
             if self._rejected.get(newest) == fingerprint:
                 return
+            if self._judged_before(newest, fingerprint):
+                return
             self._loading = threading.Thread(target=self._load, args=(newest, fingerprint),
                                              daemon=True, name="bertstream-model-reload")
             self._loading.start()
 
-    def _load(self, version_dir: str, fingerprint: tuple) -> None:
+    def _judged_before(self, version_dir: str, fingerprint: str) -> bool:
+        """True (and remembered) when Redis holds a rejection of these very
+        files: a restarted worker does not load them again to learn it."""
+        if not self._ledger or self._rollout.mode != SHADOW:
+            return False
+        record = self._ledger.states([version_of(version_dir)])[version_of(version_dir)]
+        if record["fingerprint"] != fingerprint or record["decision"] != REJECT:
+            return False
+        self._rejected[version_dir] = fingerprint
+        _LOG.info("model version %s was rejected before with these files; not tried again "
+                  "until they change", version_of(version_dir))
+        return True
+
+    def _load(self, version_dir: str, fingerprint: str) -> None:
         _LOG.info("loading model version %s", version_dir)
         try:
             loaded = load_version(version_dir, self._signature)
@@ -444,20 +575,100 @@ class ModelSlot:
                 self._loading = None
             _LOG.warning("model version %s rejected, %s keeps serving: %s", version_dir,
                          self._current.version_dir, reason)
+            if self._ledger:
+                self._ledger.unloadable(version_of(version_dir), version_dir, fingerprint,
+                                        reason)
             return
+        self._fingerprints[version_dir] = fingerprint
+        if self._rollout.mode == IMMEDIATE:
+            self._promote(loaded, "loaded and scored its check text")
+            return
+        decided = self._ledger.start_shadow(loaded.version, version_dir, fingerprint)
+        with self._lock:
+            self._shadow, self._loading = loaded, None
+        if decided:  # judged already (by another worker, or before a restart)
+            self._apply(loaded, decided, "decided before this worker loaded it")
+            return
+        _LOG.info("model version %s in shadow beside %s: it scores %s of the tweets, "
+                  "unpublished, until %d are counted", loaded.version, self._current.version,
+                  f"{self._rollout.share:.0%}", self._rollout.tweets)
+
+    def score_in_shadow(self, batch: Sequence[Any], served: np.ndarray) -> None:
+        """Scores ``batch`` (what the serving version just scored, as ``served``
+        probability rows) with the version in shadow, if any, and counts how
+        they compare; decides once the gates can. Nothing here fails the batch:
+        its results are already the serving version's."""
+        shadow = self._shadow
+        if shadow is None:
+            return
+        rows = [i for i, element in enumerate(batch) if self._rollout.sampled(element)]
+        if not rows:
+            return
+        sample = [batch[i] for i in rows]
+        started = time.monotonic()
+        try:
+            out = shadow.tfx._run_inference(sample, sample, shadow.session)
+            proposed = np.asarray(out["probabilities"], dtype=np.float32)
+            if proposed.shape != (len(rows), len(LABELS)) or not np.isfinite(proposed).all():
+                raise ValueError(f"'probabilities' has shape {proposed.shape} or is not finite")
+            figures = compare(served[rows], proposed, time.monotonic() - started)
+        except Exception as err:  # noqa: BLE001 - a shadow error is a figure, not a failure
+            _LOG.info("model version %s failed a batch in shadow: %s", shadow.version, err)
+            figures = failed(len(rows), time.monotonic() - started)
+        try:
+            totals = self._ledger.record(shadow.version, *figures)
+            verdict = judge(totals, self._rollout)
+            if verdict:
+                self._apply(shadow, *self._ledger.decide(shadow.version, *verdict))
+        except Exception as err:  # noqa: BLE001 - Redis away: the next batch counts again
+            self._record_failures += 1
+            if self._record_failures in (1, 10, 100) or self._record_failures % 1000 == 0:
+                _LOG.warning("could not record shadow figures of model version %s in Redis "
+                             "(%d times so far): %s", shadow.version, self._record_failures,
+                             err)
+
+    def _apply(self, shadow: LoadedVersion, decision: str, reason: str) -> None:
+        with self._lock:
+            if self._shadow is not shadow:
+                return  # applied already
+            self._shadow = None
+            if decision == REJECT:
+                self._rejected[shadow.version_dir] = self._fingerprints.get(
+                    shadow.version_dir, "")
+        if decision == PROMOTE:
+            self._promote(shadow, reason, state="promoted")
+        else:
+            _LOG.warning("model version %s rejected in shadow, %s keeps serving: %s",
+                         shadow.version, self._current.version, reason)
+            del shadow
+            _refreeze()
+
+    def _promote(self, loaded: LoadedVersion, reason: str, state: str = "serving") -> None:
         with self._lock:
             previous, self._current = self._current, loaded
             self._loading = None
-        _LOG.info("model version %s now serving (was %s)", loaded.version, previous.version)
-        # The old version's objects were frozen with the heap: thaw, let them
-        # go, freeze what stays.
+        _LOG.info("model version %s now serving (was %s): %s", loaded.version,
+                  previous.version, reason)
+        if self._ledger:
+            try:
+                self._ledger.serving(loaded.version,
+                                     self._fingerprints.get(loaded.version_dir, ""),
+                                     retired=previous.version, state=state)
+            except Exception as err:  # noqa: BLE001 - the switch stands; the page lags
+                _LOG.warning("could not record model version %s as serving in Redis: %s",
+                             loaded.version, err)
         del previous
-        gc.unfreeze()
-        _freeze_heap()
+        _refreeze()
 
 
-def _fingerprint(version_dir: str) -> tuple:
-    """(files, bytes, newest modification) of a version directory."""
+def _refreeze() -> None:
+    """A version let go was frozen with the heap: thaw, let it go, freeze what stays."""
+    gc.unfreeze()
+    _freeze_heap()
+
+
+def _fingerprint(version_dir: str) -> str:
+    """"files:bytes:newest modification" of a version directory."""
     import tensorflow as tf
 
     files = size = newest = 0
@@ -466,7 +677,7 @@ def _fingerprint(version_dir: str) -> tuple:
             stat = tf.io.gfile.stat(f"{root.rstrip('/')}/{name}")
             files, size = files + 1, size + stat.length
             newest = max(newest, stat.mtime_nsec)
-    return files, size, newest
+    return f"{files}:{size}:{newest}"
 
 
 _SLOTS: dict[tuple[str, str], ModelSlot] = {}
@@ -477,22 +688,25 @@ class _LocalScoresHandler(ModelHandler):
     """tfx-bsl's in-process handler, with its outputs read into ``Scores``,
     on the ``ModelSlot`` of ``model_dir``."""
 
-    def __init__(self, model_dir: str, signature: str, reload_seconds: float):
+    def __init__(self, model_dir: str, signature: str, reload_seconds: float,
+                 rollout: Optional[Rollout]):
         super().__init__()
         from tfx_bsl.beam import run_inference as tfx_run_inference
 
         check_tfx_bsl_private_api(tfx_run_inference._PredictModelHandler)
         self._model_dir, self._signature = model_dir, signature
         self._reload_seconds = reload_seconds
+        self._rollout = rollout
 
     def load_model(self) -> ModelSlot:
         # One slot per model and signature per process: Beam's Shared handle
         # would let the model go between bundles on runners that drop their
         # DoFns (seconds to load each time).
-        key = (self._model_dir, self._signature)
+        key = (self._model_dir, self._signature, self._rollout)
         with _SLOTS_LOCK:
             if key not in _SLOTS:
-                _SLOTS[key] = ModelSlot(self._model_dir, self._signature, self._reload_seconds)
+                _SLOTS[key] = ModelSlot(self._model_dir, self._signature, self._reload_seconds,
+                                        self._rollout)
             return _SLOTS[key]
 
     def run_inference(self, batch, slot: ModelSlot, inference_args=None):
@@ -503,6 +717,7 @@ class _LocalScoresHandler(ModelHandler):
         if probabilities.shape[:1] != (len(batch),):
             raise ValueError(f"the model returned {probabilities.shape[0]} rows of "
                              f"probabilities for a batch of {len(batch)}")
+        slot.score_in_shadow(batch, probabilities)
         return [Scores(row.tolist(), loaded.version) for row in probabilities]
 
     def share_model_across_processes(self) -> bool:
@@ -525,13 +740,16 @@ def _freeze_heap() -> None:
 
 
 def local_handler(model_dir: str, signature: str = "serving_default",
-                  reload_seconds: float = 0) -> ModelHandler:
+                  reload_seconds: float = 0, rollout: Optional[Rollout] = None) -> ModelHandler:
     """tfx-bsl's handler for the newest version under ``model_dir``; with
-    ``reload_seconds`` > 0 and a base directory, it follows new versions."""
+    ``reload_seconds`` > 0 and a base directory, it follows new versions as
+    ``rollout`` says (at once when there is none)."""
     from model.serving import resolve
 
     resolve(model_dir)  # fails here, naming the path, when there is no model
-    return _LocalScoresHandler(str(model_dir), signature, reload_seconds)
+    if rollout is not None:
+        rollout.validate()
+    return _LocalScoresHandler(str(model_dir), signature, reload_seconds, rollout)
 
 
 class _ToResultFn(beam.DoFn):
@@ -574,18 +792,20 @@ class RunSentiment(beam.PTransform):
       handler: a text -> ``Scores`` model handler.
       max_batch_size: most tweets in one model call.
       token_counter: the model's WordPiece length (for sorting and metrics).
+      budget: the latency target, which may cut a batch into smaller calls.
 
     Returns:
       A tuple ``(results, dead_letters)``.
     """
 
     def __init__(self, handler: ModelHandler, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-                 token_counter: Optional[TokenCounter] = None):
+                 token_counter: Optional[TokenCounter] = None,
+                 budget: Optional[LatencyBudget] = None):
         super().__init__()
         self._count = token_counter or TokenCounter()
         self._max_batch_size = max_batch_size
         self._handler = KeyedModelHandler(
-            LengthBatchedHandler(handler, self._count)).with_no_batching()
+            LengthBatchedHandler(handler, self._count, budget)).with_no_batching()
 
     def expand(self, tweets):
         batches = (tweets

@@ -34,6 +34,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.core import RestrictionProvider
 from apache_beam.utils.timestamp import Duration, Timestamp
 
+from transforms.budget import LatencyBudget
 from transforms.dedupe import REPLAY_PREFIX
 from transforms.records import Envelope, iso_from_seconds, seconds_from_iso
 
@@ -142,9 +143,10 @@ class _SubscriberFn(beam.DoFn):
 class _PullFn(_SubscriberFn):
     def __init__(self, max_messages: int, poll_seconds: float, lease_seconds: int,
                  idle_slack_seconds: float, drain_seconds: float = 0.5,
-                 emulator_host: str | None = None):
+                 emulator_host: str | None = None, budget: LatencyBudget | None = None):
         self._emulator_host = emulator_host
         self._max_messages = max_messages
+        self._budget = budget
         self._poll_seconds = poll_seconds
         self._lease_seconds = lease_seconds
         self._idle_slack = idle_slack_seconds
@@ -168,13 +170,17 @@ class _PullFn(_SubscriberFn):
         started = time.monotonic()
         total = 0
         oldest = time.time() - self._idle_slack
-        while total < self._max_messages:
+        # What the latency target lets one bundle hold, at the model's
+        # measured cost in this worker (transforms/budget.py).
+        limit = (self._budget.bundle_limit(self._max_messages) if self._budget
+                 else self._max_messages)
+        while total < limit:
             # The first pull waits up to poll_seconds for a first message (a
             # long poll, not a spin); the next ones only for what is waiting.
             remaining = self._drain_seconds - (time.monotonic() - started)
             if total and remaining <= 0:
                 break
-            received = self._pull(subscription, self._max_messages - total,
+            received = self._pull(subscription, limit - total,
                                   min(self._poll_seconds, remaining) if total
                                   else self._poll_seconds)
             if not received:
@@ -248,18 +254,19 @@ class PullFromPubSub(beam.PTransform):
       idle_slack_seconds: how far behind now the watermark stays while idle.
       drain_seconds: how long one call keeps pulling while messages wait.
       emulator_host: the Pub/Sub emulator's ``HOST:PORT``, or None for Google's.
+      budget: the latency target, which may take fewer than ``max_messages``.
     """
 
     def __init__(self, subscription: str, max_messages: int = 1000,
                  poll_seconds: float = 1.0, lease_seconds: int = DEFAULT_LEASE_SECONDS,
                  idle_slack_seconds: float = 1.0, drain_seconds: float = 0.5,
-                 emulator_host: str | None = None):
+                 emulator_host: str | None = None, budget: LatencyBudget | None = None):
         super().__init__()
         if not 10 <= lease_seconds <= MAX_LEASE_SECONDS:
             raise ValueError(f"lease_seconds must be 10..{MAX_LEASE_SECONDS}")
         self._subscription = subscription
         self._fn = _PullFn(max_messages, poll_seconds, lease_seconds, idle_slack_seconds,
-                           drain_seconds, emulator_host)
+                           drain_seconds, emulator_host, budget)
 
     def expand(self, begin):
         return (begin

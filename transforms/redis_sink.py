@@ -22,16 +22,18 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
-from bertstream.config import RedisConfig, connect
-from transforms.records import DeadLetter, Result
+from bertstream.config import LATENCY_BUCKET_PREFIX, LATENCY_BUCKETS, RedisConfig, connect
+from transforms.records import DeadLetter, Result, seconds_from_iso
 
 _LOG = logging.getLogger(__name__)
 
 # KEYS: dedupe key, stream, window hash, stats hash.
 # ARGV: dedupe TTL s, stream MAXLEN, result JSON, channel, label, window TTL s, tweet id,
-# late (1/0).
-# The stats hash keeps all-time totals (results, duplicates met at the sink):
-# the job's summary reads them, since runner metrics can be incomplete (the
+# late (1/0), model version, publish -> result latency: its bucket field ("" for
+# none: file input has no publish time) and milliseconds.
+# The stats hash keeps all-time totals (results, by label and model version,
+# the latency histogram, duplicates met at the sink): the job's summary and the
+# dashboard's /metrics read them, since runner metrics can be incomplete (the
 # Python DirectRunner drops counter updates made downstream of timer output).
 _WRITE_RESULT = """
 if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
@@ -40,8 +42,14 @@ if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
   redis.call('HINCRBY', KEYS[3], ARGV[5], 1)
   redis.call('EXPIRE', KEYS[3], ARGV[6])
   redis.call('HINCRBY', KEYS[4], 'results', 1)
+  redis.call('HINCRBY', KEYS[4], 'results:' .. ARGV[5] .. ':' .. ARGV[9], 1)
   if ARGV[8] == '1' then
     redis.call('HINCRBY', KEYS[4], 'late', 1)
+  end
+  if ARGV[10] ~= '' then
+    redis.call('HINCRBY', KEYS[4], ARGV[10], 1)
+    redis.call('HINCRBY', KEYS[4], 'latency_count', 1)
+    redis.call('HINCRBY', KEYS[4], 'latency_sum_ms', ARGV[11])
   end
   return 1
 end
@@ -148,6 +156,18 @@ class BufferedRedisFn(beam.DoFn):
         return []
 
 
+def latency_bucket(result: Result) -> tuple[str, int]:
+    """(bucket field, milliseconds) of a result's publish -> result latency, or
+    ("", 0) when it has no publish time (a file) or a time that does not parse."""
+    try:
+        seconds = seconds_from_iso(result.processed_at) - seconds_from_iso(result.published_at)
+    except (ValueError, TypeError):
+        return "", 0
+    seconds = max(0.0, seconds)
+    bound = next((b for b in LATENCY_BUCKETS if seconds <= b), None)
+    return f"{LATENCY_BUCKET_PREFIX}{'+Inf' if bound is None else bound}", int(seconds * 1000)
+
+
 class _WriteResultsFn(BufferedRedisFn):
     script = _WRITE_RESULT
 
@@ -159,10 +179,12 @@ class _WriteResultsFn(BufferedRedisFn):
 
     def script_call(self, result: Result):
         c = self._config
+        bucket, latency_ms = latency_bucket(result)
         return ([c.dedupe_prefix + result.tweet_id, c.stream, c.window_prefix + result.window_start,
                  c.stats_key],
                 [c.dedupe_ttl_seconds, c.stream_maxlen, result.to_json(), c.channel, result.label,
-                 c.window_ttl_seconds, result.tweet_id, 1 if result.late else 0])
+                 c.window_ttl_seconds, result.tweet_id, 1 if result.late else 0,
+                 result.model_version, bucket, latency_ms])
 
     def on_reply(self, result, reply):
         (self._written if reply == 1 else self._already).inc()

@@ -146,6 +146,25 @@ function renderDead(rows) {
   }));
 }
 
+const pct = (x) => (typeof x === "number" ? (100 * x).toFixed(1) + "%" : "–");
+
+function renderRollout(rows) {
+  $("rollout-empty").hidden = rows.length > 0;
+  $("rollout").tBodies[0].replaceChildren(...rows.map((m) => {
+    const tr = el("tr", { "data-version": m.version, class: "state-" + m.state });
+    tr.append(el("td", {}, m.version));
+    tr.append(el("td", { title: "since " + (m.since || "?") }, m.state));
+    tr.append(el("td", {}, m.scored ? fmt(m.scored) : "–"));
+    tr.append(el("td", {}, pct(m.agreement)));
+    tr.append(el("td", {}, m.scored ? LABELS.map((l) => fmt(m.labels[l])).join(" / ") : "–"));
+    tr.append(el("td", {}, typeof m.mean_confidence === "number" ? m.mean_confidence.toFixed(2) : "–"));
+    tr.append(el("td", {}, typeof m.mean_batch_seconds === "number" ? m.mean_batch_seconds.toFixed(3) : "–"));
+    tr.append(el("td", {}, m.scored || m.errors ? fmt(m.errors) : "–"));
+    tr.append(el("td", { class: "reason" }, m.reason));
+    return tr;
+  }));
+}
+
 function render(s) {
   const banner = $("banner");
   const conn = $("conn");
@@ -162,6 +181,7 @@ function render(s) {
   }
   $("source").textContent = s.redis.url;
   renderTiles(s);
+  renderRollout(s.rollout || []);
   renderChart(s.windows);
   renderResults(s.latest_results);
   renderDead(s.latest_dead_letters);

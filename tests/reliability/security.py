@@ -27,14 +27,16 @@ from tests.reliability.harness import (
 # What the sink sends (transforms/redis_sink.py): the two Lua scripts
 # (EVALSHA, SCRIPT LOAD/EXISTS when the cache is cold, and inside them SET,
 # XADD, PUBLISH, HINCRBY, EXPIRE), HGETALL of the totals and XRANGE/XREVRANGE
-# of the dead letters for the job's summary, PING at start, and
+# of the dead letters for the job's summary, the model versions' states and
+# shadow figures (transforms/rollout.py: HSET, HSETNX, HMGET, HDEL, HINCRBY,
+# SADD), PING at start, and
 # redis-py's connection handshake (AUTH, CLIENT SETINFO). k8s/base/redis
 # grants the same list.
 SINK_ACL = ["resetkeys", "~sentiment:*", "resetchannels", "&sentiment*", "-@all",
-            "+set", "+xadd", "+publish", "+hincrby", "+hgetall", "+xrange", "+xrevrange",
-            "+expire", "+evalsha",
-            "+eval", "+script|load", "+script|exists", "+ping", "+hello", "+auth",
-            "+client|setinfo", "+client|setname", "+client|id"]
+            "+set", "+xadd", "+publish", "+hincrby", "+hgetall", "+hset", "+hsetnx", "+hmget",
+            "+hdel", "+sadd", "+xrange", "+xrevrange", "+expire", "+evalsha", "+eval",
+            "+script|load", "+script|exists", "+ping", "+hello", "+auth", "+client|setinfo",
+            "+client|setname", "+client|id"]
 BAD_LINES = [b'{"id": "1", "text": ', b"\xff\xfe not utf-8"]
 
 

@@ -6,7 +6,7 @@ hash() { printf '%s' "$1" | sha256sum | cut -d' ' -f1; }
 umask 077
 cat > /run/redis/users.acl <<ACL
 user default on #$(hash "$REDIS_ADMIN_PASSWORD") ~* &* +@all
-user bertstream on #$(hash "$REDIS_SINK_PASSWORD") resetkeys ~sentiment:* resetchannels &sentiment* -@all +set +xadd +publish +hincrby +hgetall +xrange +xrevrange +expire +evalsha +eval +script|load +script|exists +ping +hello +auth +client|setinfo +client|setname +client|id
-user dashboard on #$(hash "$REDIS_DASHBOARD_PASSWORD") resetkeys %R~sentiment:* resetchannels -@all +xrevrange +xread +hgetall +pubsub|numsub +ping +hello +auth +client|setinfo +client|setname +client|id
+user bertstream on #$(hash "$REDIS_SINK_PASSWORD") resetkeys ~sentiment:* resetchannels &sentiment* -@all +set +xadd +publish +hincrby +hgetall +hset +hsetnx +hmget +hdel +sadd +xrange +xrevrange +expire +evalsha +eval +script|load +script|exists +ping +hello +auth +client|setinfo +client|setname +client|id
+user dashboard on #$(hash "$REDIS_DASHBOARD_PASSWORD") resetkeys %R~sentiment:* resetchannels -@all +xrevrange +xread +hgetall +smembers +pubsub|numsub +ping +hello +auth +client|setinfo +client|setname +client|id
 ACL
 exec redis-server /etc/redis/redis.conf
