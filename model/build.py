@@ -24,10 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from bertstream.config import cache_dir
-from model import data, mpnet
+from model import data, mpnet, student
 from model.evaluate import metrics
 from model.export import DEFAULT_MAX_LENGTH, SentimentModule, export, write_labels
 from model.serving import read_card, version_dirs
+from model.teacher import SOFT_LABELS, SoftLabels
 
 _LOG = logging.getLogger(__name__)
 
@@ -86,11 +87,26 @@ class BuildConfig:
     # resolve None before the cache key is taken.
     train_precision: str | None = None
     encoder: str = DEFAULT_ENCODER
+    # Distillation (model/student.py): the MPNet teacher's soft labels that the
+    # default encoder trains on beside the gold labels, read from this file;
+    # None trains on the gold labels alone (--no-distill, and tiny builds unless
+    # given a file). By default the committed file, once `python -m model
+    # teacher` has made it; until then the gold labels alone (the build logs
+    # which). The teacher itself (--encoder mpnet-base) never distils.
+    soft_labels: Path | None = dataclasses.field(
+        default_factory=lambda: SOFT_LABELS if SOFT_LABELS.exists() else None)
+    # a and T of the loss a * KL(teacher/T || student/T) * T^2 + (1 - a) * CE(gold).
+    kd_weight: float = 0.7
+    kd_temperature: float = 2.0
+    # Unlabelled tweets the teacher scored, added to the training rows: None
+    # all of them (12,084), 0 none.
+    unlabelled_rows: int | None = None
 
     @classmethod
     def tiny_defaults(cls, **overrides) -> BuildConfig:
         values = {"epochs": 1, "max_train_rows": 384, "max_length": 64,
-                  "learning_rate": 1e-3, "max_eval_rows": 256, "train_precision": "float32"}
+                  "learning_rate": 1e-3, "max_eval_rows": 256, "train_precision": "float32",
+                  "soft_labels": None}
         values.update(overrides)
         return cls(tiny=True, **values)
 
@@ -108,6 +124,17 @@ class BuildConfig:
         if self.encoder != DEFAULT_ENCODER and self.base_model is not None:
             raise ValueError(f"--base-model names a BERT checkpoint for --encoder "
                              f"{DEFAULT_ENCODER}; drop it or drop --encoder {self.encoder}")
+        if self.distilling:
+            if not 0.0 <= self.kd_weight <= 1.0:
+                raise ValueError(f"--kd-weight {self.kd_weight}: expected 0 to 1")
+            if self.kd_temperature <= 0:
+                raise ValueError(f"--kd-temperature {self.kd_temperature}: expected > 0")
+            student.check_soft_labels(self.soft_labels)
+
+    @property
+    def distilling(self) -> bool:
+        """Whether this build trains on the teacher's soft labels."""
+        return self.soft_labels is not None and self.encoder == DEFAULT_ENCODER
 
     def resolved(self) -> BuildConfig:
         """This config with ``train_precision`` decided for this machine."""
@@ -119,7 +146,8 @@ class BuildConfig:
 
     def cache_key(self) -> str:
         parts = {k: str(v) for k, v in dataclasses.asdict(self).items()
-                 if k not in ("out", "cache_dir", "precision", "train_precision", "encoder")}
+                 if k not in ("out", "cache_dir", "precision", "train_precision", "encoder",
+                              *_DISTILL_FIELDS)}
         if self.train_precision not in (None, "float32"):  # float32 builds keep their keys
             parts["train_precision"] = self.train_precision
         parts["recipe"] = str(RECIPE_VERSION)
@@ -132,8 +160,19 @@ class BuildConfig:
         if self.base_model is not None and not data.is_requirement(self.base_model):
             config = Path(self.base_model) / "config.json"
             parts["base_config"] = config.read_text() if config.exists() else ""
+        if self.distilling:  # builds without distillation keep their keys
+            soft = self.soft_labels
+            parts["distill"] = json.dumps({
+                "soft_labels": data.sha256_of(soft) if soft.exists() else "missing",
+                "recipe": student.RECIPE,
+                **{k: getattr(self, k) for k in _DISTILL_FIELDS if k != "soft_labels"}},
+                sort_keys=True)
         blob = json.dumps(parts, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# Keyed only when the build distils (BuildConfig.cache_key).
+_DISTILL_FIELDS = ("soft_labels", "kd_weight", "kd_temperature", "unlabelled_rows")
 
 
 class _Progress:
@@ -410,6 +449,25 @@ def train(cfg: BuildConfig, export_dir: Path) -> tuple[dict, SentimentModule]:
     train_rows, evals, rng, source_rows = _rows(cfg)
     _LOG.info("training rows %d %s; evaluation %s", len(train_rows),
               data.class_counts(train_rows), {k: len(v) for k, v in evals.items()})
+    rows, distillation = train_rows, None
+    if cfg.distilling:
+        # The labelled rows keep their gold label; the unlabelled tweets the
+        # teacher scored join them with its soft label alone (model/student.py).
+        provenance = student.check_soft_labels(cfg.soft_labels)
+        soft = SoftLabels(cfg.soft_labels, "logits")
+        unlabelled = student.unlabelled_rows(cfg, soft, cfg.unlabelled_rows)
+        rows = train_rows + unlabelled
+        source_rows[data.OOD_TWEETS.name] = len(unlabelled)
+        targets = student.targets(rows, soft)
+        distillation = student.card_section(cfg, provenance, rows, targets, source_rows)
+        _LOG.info("distilling from %s (teacher %s): a=%.2f T=%.1f, rows %s",
+                  cfg.soft_labels, distillation["teacher"]["build_key"], cfg.kd_weight,
+                  cfg.kd_temperature, distillation["rows"])
+    else:
+        if cfg.encoder == DEFAULT_ENCODER and not cfg.tiny:
+            _LOG.info("training on the gold labels alone (no teacher soft labels: make them "
+                      "with `python -m model teacher`, docs/model.md)")
+        targets = np.array([r.label for r in rows], dtype=np.int32)
 
     classifier, tokenizer = _new_classifier(cfg, encoder_dir, TRAIN_DTYPES[cfg.train_precision])
     _LOG.info("training in %s", TRAIN_DTYPES[cfg.train_precision])
@@ -424,20 +482,19 @@ def train(cfg: BuildConfig, export_dir: Path) -> tuple[dict, SentimentModule]:
         return module.features(text)
 
 
-    def featurize(rows: list[data.Row], batches: list[np.ndarray]):
+    def featurize(rows: list[data.Row], targets: np.ndarray, batches: list[np.ndarray]):
         texts = np.array([r.text for r in rows], dtype=object)
-        labels = np.array([r.label for r in rows], dtype=np.int32)
         return [({k: v.numpy() for k, v in features_fn(tf.constant(texts[b])).items()},
-                 labels[b]) for b in batches]
+                 targets[b]) for b in batches]
 
-    lengths = features_fn(tf.constant([r.text for r in train_rows]))["padding_mask"]
+    lengths = features_fn(tf.constant([r.text for r in rows]))["padding_mask"]
     lengths = tf.reduce_sum(tf.cast(lengths, tf.int32), axis=1).numpy()
-    train_batches = featurize(train_rows,
-                              _length_batches(lengths, cfg.batch_size, rng))
+    train_batches = featurize(rows, targets, _length_batches(lengths, cfg.batch_size, rng))
     spec = ({"token_ids": tf.TensorSpec([None, None], tf.int32),
              "padding_mask": tf.TensorSpec([None, None], tf.bool),
              "segment_ids": tf.TensorSpec([None, None], tf.int32)},
-            tf.TensorSpec([None], tf.int32))
+            tf.TensorSpec([None, student.TARGET_WIDTH], tf.float32) if distillation
+            else tf.TensorSpec([None], tf.int32))
     dataset = tf.data.Dataset.from_generator(lambda: iter(train_batches), output_signature=spec)
 
     steps = len(train_batches) * cfg.epochs
@@ -446,7 +503,12 @@ def train(cfg: BuildConfig, export_dir: Path) -> tuple[dict, SentimentModule]:
         warmup_steps=max(1, steps // 10), decay_steps=max(1, steps - steps // 10))
     classifier.compile(
         optimizer=keras.optimizers.AdamW(schedule, weight_decay=0.01),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        loss=(student.distillation_loss(cfg.kd_weight, cfg.kd_temperature) if distillation
+              else keras.losses.SparseCategoricalCrossentropy(from_logits=True)),
+        # The task's default accuracy reads a class id per row; a distilling
+        # build's targets are rows of (gold, has-teacher, logits), and epochs
+        # are judged on the out-of-domain validation part anyway.
+        **({"metrics": []} if distillation else {}),
         # Shapes vary with the longest row of each batch; XLA would compile
         # once per shape, so plain graph mode trains faster overall here.
         jit_compile=False)
@@ -491,7 +553,7 @@ def train(cfg: BuildConfig, export_dir: Path) -> tuple[dict, SentimentModule]:
         evaluation[f"{name}_uncalibrated"] = _score(
             evals[name], _calibrated(logits[name], 1.0, np.zeros(len(data.LABELS))))
     card = _card(cfg, encoder_package, train_rows, source_rows, evals, best[2],
-                 temperature, bias, evaluation, train_seconds)
+                 temperature, bias, evaluation, train_seconds, distillation)
     # The trained classifier tracks its optimizer, whose moments are twice the
     # model's size and of no use to serving: export a fresh float32 copy of it
     # instead (under mixed_bfloat16 the weights are float32 already).
@@ -526,7 +588,7 @@ def _source(package: data.Package, rows: int, role: str) -> dict:
 
 
 def _card(cfg, encoder_package, train_rows, source_rows, evals, best_epoch, temperature,
-          bias, evaluation, train_seconds) -> dict:
+          bias, evaluation, train_seconds, distillation=None) -> dict:
     from importlib.metadata import version
 
     base = ("tiny random-init MPNet (2 layers, hidden 32) with the vocabulary of "
@@ -544,6 +606,10 @@ def _card(cfg, encoder_package, train_rows, source_rows, evals, best_epoch, temp
             f"{data.ENCODER.spec} (MiniLM-L6-H384, BERT architecture)")
     trained_on = MIXES[cfg.mix]
     sources = [_source(p, source_rows.get(p.name, 0), "training") for p in trained_on]
+    if distillation:
+        sources.append(_source(data.OOD_TWEETS, source_rows.get(data.OOD_TWEETS.name, 0),
+                               "unlabelled training texts for distillation (tweets rated "
+                               "'Irrelevant'; the rating is never used)"))
     sources.append(_source(data.OOD_TWEETS, len(evals["ood_validation"]) + len(evals["ood_test"]),
                            "out-of-domain evaluation only (validation: epoch choice and "
                            "calibration; test: reported)"))
@@ -569,6 +635,7 @@ def _card(cfg, encoder_package, train_rows, source_rows, evals, best_epoch, temp
                         "rated texts they bundle",
             "train_rows": len(train_rows),
             "train_class_counts": data.class_counts(train_rows),
+            "unlabelled_train_rows": (distillation or {}).get("rows", {}).get("unlabelled", 0),
             "validation_rows": len(evals["validation"]),
             "test_rows": len(evals["test"]),
             "ood_validation_rows": len(evals["ood_validation"]),
@@ -582,6 +649,8 @@ def _card(cfg, encoder_package, train_rows, source_rows, evals, best_epoch, temp
                      "precision": TRAIN_DTYPES[cfg.train_precision],
                      "train_seconds": round(train_seconds, 1),
                      "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"},
+        # The teacher, the soft-label file, the loss: None when not distilled.
+        "distillation": distillation,
         "calibration": {"method": cfg.calibration, "temperature": temperature,
                         "bias": [float(b) for b in bias],
                         "formula": "probabilities = softmax(logits / temperature + bias), "
