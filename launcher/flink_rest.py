@@ -56,6 +56,11 @@ class FlinkRest:
     def state(self, job_id: str) -> str:
         return self.call(f"/jobs/{job_id}")["state"]
 
+    def restarts(self, job_id: str) -> int:
+        """How many times Flink has restarted the job (its ``numRestarts`` metric)."""
+        found = self.call(f"/jobs/{job_id}/metrics?get=numRestarts")
+        return int(float(found[0]["value"])) if found else 0
+
     def taskmanagers(self) -> list[dict]:
         return self.call("/taskmanagers").get("taskmanagers", [])
 

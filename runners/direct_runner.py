@@ -269,6 +269,7 @@ def _patch_executor(threads: int) -> None:
         return call(self, state_sampler)
 
     add_work = monitor._add_work_if_necessary
+    from apache_beam.runners.direct.direct_runner import _DirectReadFromPubSub
 
     def _add_work_if_necessary(self, timers_fired):
         if timers_fired or not self._is_executing():
@@ -276,7 +277,8 @@ def _patch_executor(threads: int) -> None:
         # Beam adds root input (the next Pub/Sub pull) only once every step
         # has finished its bundle: pull, parse, model, Redis, ack, then the
         # next pull. Here the next pull starts while later steps still run,
-        # as long as a thread is free and that root is not already running.
+        # as long as a thread is free and that read is not already running.
+        # Only the Pub/Sub read: a TestStream's events must stay in order.
         executor_ = self._executor
         running = executor_.transform_executor_services.executors
         if sum(not e.blocked for e in running) >= parallel.NUM_WORKERS:
@@ -284,6 +286,7 @@ def _patch_executor(threads: int) -> None:
         busy = {e._applied_ptransform for e in running}
         for node, bundles in list(executor_.node_to_pending_bundles.items()):
             if bundles and node not in busy and \
+                    isinstance(node.transform, _DirectReadFromPubSub) and \
                     not executor_.evaluation_context.is_done(node):
                 executor_.node_to_pending_bundles[node] = []
                 for bundle in bundles:

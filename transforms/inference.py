@@ -674,7 +674,13 @@ def _fingerprint(version_dir: str) -> str:
     files = size = newest = 0
     for root, _, names in tf.io.gfile.walk(version_dir):
         for name in names:
-            stat = tf.io.gfile.stat(f"{root.rstrip('/')}/{name}")
+            try:
+                stat = tf.io.gfile.stat(f"{root.rstrip('/')}/{name}")
+            except tf.errors.NotFoundError:
+                # Some filesystems list what they cannot stat (TensorFlow's
+                # ram:// lists "assets.extra/vocab.txt" as "assets/.extra"):
+                # the other files still tell a changed version apart.
+                continue
             files, size = files + 1, size + stat.length
             newest = max(newest, stat.mtime_nsec)
     return f"{files}:{size}:{newest}"
