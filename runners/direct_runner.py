@@ -164,11 +164,11 @@ class _HoldingPuller:
     def pull(self, subscription, max_messages=None, timeout=None, **kwargs):
         # What the latency target lets one bundle hold, at the model's cost
         # as this process measures it (transforms/budget.py).
-        self._max = (self._budget.bundle_limit(self._configured) if self._budget
-                     else self._configured)
+        limit = (self._budget.bundle_limit(self._configured) if self._budget
+                 else self._configured)
         # A short deadline, not Beam's 30 s long poll: a waiting pull holds a
         # DirectRunner thread, and with it every timer.
-        response = self._pull(subscription, self._max)
+        response = self._pull(subscription, limit)
         received = response.received_messages
         if not received:
             time.sleep(IDLE_POLL_SECONDS)
@@ -176,9 +176,9 @@ class _HoldingPuller:
         started = time.monotonic()
         last = len(received)
         # Drain only a backlog: while pulls come back (nearly) full.
-        while (last >= BACKLOG_PAGE and len(received) < self._max
+        while (last >= BACKLOG_PAGE and len(received) < limit
                and time.monotonic() - started < DRAIN_BUDGET_SECONDS):
-            more = self._pull(subscription, self._max - len(received))
+            more = self._pull(subscription, limit - len(received))
             last = len(more.received_messages)
             received.extend(more.received_messages)
         ack_ids = [r.ack_id for r in received]
