@@ -677,7 +677,7 @@ def _card(cfg, encoder_package, train_rows, source_rows, evals, best_epoch, temp
 
 
 # Bump when the serving graph (model/fused.py) or its export changes.
-SERVING_RECIPE = 5
+SERVING_RECIPE = 6
 
 
 def serving_key(cfg: BuildConfig, precision: str) -> str:
@@ -731,7 +731,7 @@ def export_serving(cfg: BuildConfig, trained: Path, out: Path, precision: str) -
         classifier, tokenizer, cfg.max_length, calibration[0], labels_path, calibration[2])
 
     _, evals, _, _ = _rows(cfg)
-    scored, agreement, difference = {}, [], 0.0
+    scored, agreement, difference, agreement_by_split = {}, [], 0.0, {}
     for name in ("test", "ood_test"):
         rows = evals[name]
         ours, theirs = [], []
@@ -746,11 +746,14 @@ def export_serving(cfg: BuildConfig, trained: Path, out: Path, precision: str) -
         theirs = np.concatenate(theirs) if theirs else ours
         scored[name] = _score(rows, ours)
         agreement.extend(ours.argmax(1) == theirs.argmax(1))
+        agreement_by_split[name] = (float(np.mean(ours.argmax(1) == theirs.argmax(1)))
+                                    if len(rows) else 1.0)
         difference = max(difference, float(np.abs(ours - theirs).max()) if len(rows) else 0.0)
     card["serving"] = {
         "graph": graph,
         "precision": precision,
         "label_agreement_with_keras": float(np.mean(agreement)) if agreement else 1.0,
+        "label_agreement_with_keras_by_split": agreement_by_split,
         "max_probability_difference": difference,
         "keras_test_metrics": card.get("test_metrics"),
         "keras_ood_test_metrics": (card.get("evaluation") or {}).get("out_of_domain_test"),

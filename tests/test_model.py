@@ -288,12 +288,24 @@ def _keras_and_fused_logits(module, texts, precision):
     import tensorflow as tf
 
     from model.export import normalize_text
-    from model.fused import FusedBertClassifier
+    from model.fused import LAYER_NORM_EPSILON, FusedBertClassifier
 
     preprocessor = keras_hub.models.BertTextClassifierPreprocessor(
         module.tokenizer, sequence_length=module.max_length)
-    theirs = module.classifier(preprocessor(normalize_text(tf.constant(texts))),
-                               training=False).numpy()
+    # The fused graph's layer norms inside the encoder layers run with
+    # LAYER_NORM_EPSILON (oneDNN's fused kernel's); the Keras model is run with
+    # the same, so what is compared is the rest of the computation.
+    norms = [norm for layer in module.classifier.backbone.transformer_layers
+             for norm in (layer._self_attention_layer_norm, layer._feedforward_layer_norm)]
+    trained = [norm.epsilon for norm in norms]
+    try:
+        for norm in norms:
+            norm.epsilon = LAYER_NORM_EPSILON
+        theirs = module.classifier(preprocessor(normalize_text(tf.constant(texts))),
+                                   training=False).numpy()
+    finally:
+        for norm, epsilon in zip(norms, trained):
+            norm.epsilon = epsilon
     fused = FusedBertClassifier(module.classifier, precision)
     ours = fused(tf.function(module.features)(tf.constant(texts))).numpy()
     return theirs, ours
@@ -545,3 +557,27 @@ def test_the_private_keras_hub_sublayers_the_fused_graph_reads_are_checked():
     del Attention._key_dense
     with pytest.raises(RuntimeError, match=r"keras-hub .*_self_attention_layer\._key_dense"):
         check_keras_hub_private_api(Layer())
+
+
+def test_served_layer_norm_computes_with_its_stated_epsilon():
+    """The served graph's layer norm pattern becomes oneDNN's fused kernel,
+    which runs with epsilon 1e-3 whatever the graph says; the graph says
+    LAYER_NORM_EPSILON, so traced (fused) and eager (op by op) agree with the
+    formula at that epsilon, on inputs whose variance is small enough for
+    the epsilon to matter."""
+    import tensorflow as tf
+
+    from model.fused import LAYER_NORM_EPSILON, FusedBertClassifier
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((50, 64)).astype(np.float32) * 0.03
+    gamma = rng.uniform(0.5, 1.5, 64).astype(np.float32)
+    beta = rng.standard_normal(64).astype(np.float32)
+    centred = x - x.mean(axis=1, keepdims=True)
+    expected = centred / np.sqrt((centred ** 2).mean(axis=1, keepdims=True)
+                                 + LAYER_NORM_EPSILON) * gamma + beta
+    weights = (gamma, beta, 1e-12)
+    traced = tf.function(lambda t: FusedBertClassifier._norm(t, weights))(tf.constant(x))
+    eager = FusedBertClassifier._norm(tf.constant(x), weights)
+    np.testing.assert_allclose(traced.numpy(), expected, atol=1e-4)
+    np.testing.assert_allclose(eager.numpy(), expected, atol=1e-4)
