@@ -19,6 +19,8 @@ What it measures, in one process, one after the other:
   without them). ``useful_share_of_bf16_peak`` is the figure issue 30 names,
   taken of the higher of two bfloat16 peaks, measured before and after the
   model (``peak``, ``peak_after``).
+- ``compare`` (``--compare DIR,...``): the same figures for other exports,
+  timed after the first on the same tweets, against the same peaks.
 - ``label_agreement_with_reference`` (``--reference DIR``): the share of the
   tweets on which another export gives the same label.
 - ``profile`` (``--profile``): op-level self times of 20 warm calls at each
@@ -176,6 +178,9 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=4200, help="unseen tweets to score")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--compare", default="",
+                   help="other exports to time on the same tweets against the same peaks, "
+                        "comma-separated (e.g. the steps of an optimization)")
     p.add_argument("--reference", default=None,
                    help="another export (e.g. the previous version directory): report how "
                         "often its labels agree with this one's on the --n tweets")
@@ -222,6 +227,13 @@ def main(argv=None) -> int:
     out["model"] = {"tweets_per_s": round(tps, 1), "useful_gflops": round(useful, 1),
                     "useful_gflops_no_specials": round(
                         tokens_bare / len(texts) * per_token / seconds_per_tweet / 1e9, 1)}
+    out["compare"] = []
+    for other in filter(None, args.compare.split(",")):
+        other_dir = resolve(other)
+        other_fn = tf.saved_model.load(str(other_dir)).signatures["serving_default"]
+        other_tps = model_speed(other_fn, texts, args.batch, args.rounds)
+        out["compare"].append({"model_dir": str(other_dir), "tweets_per_s": round(other_tps, 1),
+                               "useful_gflops": round(useful * other_tps / tps, 1)})
     # The peak again after the model (the machine's state moves on a shared
     # VM); the share is taken of the higher of the two, the harder test.
     out["peak_after"] = round(matmul_peak(arch, batch_rows, "bfloat16", args.rounds), 1)
@@ -229,6 +241,8 @@ def main(argv=None) -> int:
     out["useful_share_of_bf16_peak"] = round(useful / peak, 3)
     out["useful_share_of_bf16_peak_no_specials"] = round(
         out["model"]["useful_gflops_no_specials"] / peak, 3)
+    for row in out["compare"]:
+        row["useful_share_of_bf16_peak"] = round(row["useful_gflops"] / peak, 3)
     if args.reference:
         out["label_agreement_with_reference"] = label_agreement(
             fn, tf.saved_model.load(str(resolve(args.reference))).signatures["serving_default"],

@@ -109,7 +109,7 @@ def main(argv=None) -> int:
                     row[f"{mode}_tps"] = run["tps"]
                     if mode == "backlog":
                         row["first_result_s"] = run["first_result_s"]
-                        row["backlog_drain_tps"] = run["drain_tps"]
+                        row["backlog_drain_tps"] = run["first_to_last_tps"]
                 os.environ.pop("PUBSUB_EMULATOR_HOST", None)
         _LOG.info("%s: live latency", name)
         load = latency.measure(args.rate, args.seconds, model_dir, 2.0, warmup_seconds=5,

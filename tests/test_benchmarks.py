@@ -39,6 +39,19 @@ def test_throughput_prints_every_figure_it_promises(tiny_model_dir):
         assert run["tps"] > 0 and run["ratio"] == pytest.approx(
             run["tps"] / out["model_only_tps"], abs=1e-3)
     assert out["min_ratio"] == min(r["ratio"] for r in runs.values())
+    # Backlogs are timed against the start-up probe (one tweet waiting).
+    assert out["startup_s"] > 0
+    drains = []
+    for density in (0.5, 200.0):
+        run = runs[(density, "backlog")]
+        if run["seconds"] <= out["startup_s"]:  # drained within the start-up's noise
+            assert run["drain_tps"] is None and run["drain_ratio"] is None
+            continue
+        assert run["drain_tps"] == pytest.approx(n / (run["seconds"] - out["startup_s"]), rel=0.01)
+        assert run["drain_ratio"] == pytest.approx(run["drain_tps"] / out["model_only_tps"],
+                                                   abs=1e-3)
+        drains.append(run["drain_ratio"])
+    assert out["min_drain_ratio"] == (min(drains) if drains else None)
 
 
 @pytest.mark.timeout(600)
