@@ -15,7 +15,9 @@ every bundle. ``install`` changes these private parts of it, in this process:
    late), extends the pulled messages'
    ack deadline to ``lease_seconds``, does *not* acknowledge, and hands each
    message's ack id on in an attribute (``ACK_ID_ATTRIBUTE``), which
-   ``pipeline.envelope_of`` moves into the ``Envelope``. The graph's
+   ``pipeline.envelope_of`` moves into the ``Envelope``; the messages reach
+   Beam as plain values read once from the raw protobuf, not as the client's
+   proto-plus wrappers (which convert on every attribute read). The graph's
    ``AcknowledgeMessages`` step acknowledges once the tweet's end is in Redis.
 2. **Executor threads** (``executor._ExecutorServiceParallelExecutor``):
    bundles run on ``threads`` worker threads instead of one, so the model
@@ -42,12 +44,14 @@ naming ``--direct_optimizations=off``, which runs Beam's DirectRunner as it
 ships (and acknowledges on pull). Measured figures: docs/architecture.md.
 """
 
+import datetime
 import hashlib
 import inspect
 import logging
 import threading
 import time
 import types
+from typing import NamedTuple, Optional
 
 _LOG = logging.getLogger(__name__)
 
@@ -151,6 +155,45 @@ def install(threads: int = DEFAULT_THREADS, max_messages: int = DEFAULT_MAX_MESS
 # --- 1. Pub/Sub pulls ---------------------------------------------------------------
 
 
+class _PulledMessage(NamedTuple):
+    """What ``_PubSubReadEvaluator._read_from_pubsub`` reads of a pulled
+    message (``PubsubMessage._from_message``), as plain Python values: the
+    client's proto-plus wrappers convert on every attribute read, which cost
+    the job more of its Python time than parsing the tweets (a py-spy profile
+    under load: docs/architecture.md)."""
+
+    data: bytes
+    attributes: dict
+    message_id: str
+    publish_time: Optional[datetime.datetime]
+    ordering_key: str
+
+
+class _PulledItem(NamedTuple):
+    ack_id: str
+    message: _PulledMessage
+
+
+class _Pulled(NamedTuple):
+    received_messages: list
+
+
+def _received(item) -> _PulledItem:
+    """A proto-plus ``ReceivedMessage`` as a ``_PulledItem``, read from its raw
+    protobuf; its ack id also travels in the attributes (``ACK_ID_ATTRIBUTE``)."""
+    raw = type(item).pb(item)
+    message = raw.message
+    attributes = dict(message.attributes)
+    attributes[ACK_ID_ATTRIBUTE] = raw.ack_id
+    published = None
+    if message.HasField("publish_time"):
+        stamp = message.publish_time
+        published = datetime.datetime.fromtimestamp(
+            stamp.seconds + stamp.nanos / 1e9, datetime.timezone.utc)
+    return _PulledItem(raw.ack_id, _PulledMessage(message.data, attributes, message.message_id,
+                                                  published, message.ordering_key))
+
+
 class _HoldingPuller:
     """A SubscriberClient whose ``pull`` gathers up to ``max_messages`` without
     waiting, and whose ``acknowledge`` does nothing (the graph acknowledges)."""
@@ -192,9 +235,7 @@ class _HoldingPuller:
             except Exception as err:  # noqa: BLE001 - the subscription's deadline still holds
                 _LOG.warning("extending the lease of %d messages failed: %s",
                              len(ack_ids[i:i + MAX_ACK_IDS_PER_CALL]), err)
-        for item in received:
-            item.message.attributes[ACK_ID_ATTRIBUTE] = item.ack_id
-        return response
+        return _Pulled([_received(item) for item in received])
 
     def _pull(self, subscription: str, max_messages: int):
         from google.api_core import exceptions

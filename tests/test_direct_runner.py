@@ -35,23 +35,24 @@ def test_install_is_repeatable_and_checks_beams_originals():
 
 
 def test_pulls_hand_the_ack_id_on_and_do_not_acknowledge():
-    class Message:
-        def __init__(self):
-            self.attributes = {}
+    import datetime
 
-    class Received:
-        def __init__(self, ack_id):
-            self.ack_id, self.message = ack_id, Message()
+    from apache_beam.io.gcp.pubsub import PubsubMessage
+    from google.protobuf.timestamp_pb2 import Timestamp
+    from google.pubsub_v1 import PullResponse
 
-    class Response:
-        def __init__(self, n):
-            self.received_messages = [Received(f"ack-{i}") for i in range(n)]
+    published = Timestamp(seconds=1796600000, nanos=250_000_000)
 
     class Client:
         acked, leased = [], []
 
         def pull(self, subscription, max_messages, timeout):
-            return Response(min(max_messages, 3))
+            # What the real client returns: proto-plus wrappers.
+            return PullResponse(received_messages=[
+                {"ack_id": f"ack-{i}", "message": {
+                    "data": f"tweet {i}".encode(), "attributes": {"event_ts": "2026-12-07T00:00:00Z"},
+                    "message_id": str(i), "publish_time": published}}
+                for i in range(min(max_messages, 3))])
 
         def modify_ack_deadline(self, subscription, ack_ids, ack_deadline_seconds):
             self.leased.append((tuple(ack_ids), ack_deadline_seconds))
@@ -67,3 +68,9 @@ def test_pulls_hand_the_ack_id_on_and_do_not_acknowledge():
     assert client.leased == [(("ack-0", "ack-1", "ack-2"), 45)]
     puller.acknowledge(subscription="projects/p/subscriptions/s", ack_ids=ids)
     assert client.acked == []  # the graph's AcknowledgeMessages does it, once written
+    # Plain values, as Beam's read evaluator takes them (PubsubMessage._from_message).
+    first = PubsubMessage._from_message(response.received_messages[0].message)
+    assert first.data == b"tweet 0" and first.message_id == "0"
+    assert first.attributes["event_ts"] == "2026-12-07T00:00:00Z"
+    assert first.publish_time == datetime.datetime(2026, 12, 6, 23, 33, 20, 250000,
+                                                   tzinfo=datetime.timezone.utc)
