@@ -189,7 +189,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     common.log_progress()
 
-    import numpy as np
     import tensorflow as tf
     import tensorflow_text  # noqa: F401
 
@@ -257,7 +256,6 @@ def main(argv=None) -> int:
                 print(f"  {row['op']:<32} {row['share']:6.1%} {row['ms_per_call']:8.3f} ms "
                       f"x{row['runs_per_call']}", file=sys.stderr)
     out["load_average_at_end"] = list(os.getloadavg())
-    del np
     print(json.dumps(out))
     return 0
 

@@ -160,7 +160,7 @@ class _PulledMessage(NamedTuple):
     message (``PubsubMessage._from_message``), as plain Python values: the
     client's proto-plus wrappers convert on every attribute read, which cost
     the job more of its Python time than parsing the tweets (a py-spy profile
-    under load: docs/architecture.md)."""
+    under load: docs/direct-runner.md)."""
 
     data: bytes
     attributes: dict
@@ -189,7 +189,7 @@ def _received(item) -> _PulledItem:
     if message.HasField("publish_time"):
         stamp = message.publish_time
         published = datetime.datetime.fromtimestamp(
-            stamp.seconds + stamp.nanos / 1e9, datetime.timezone.utc)
+            stamp.seconds + stamp.nanos / 1e9, datetime.UTC)
     return _PulledItem(raw.ack_id, _PulledMessage(message.data, attributes, message.message_id,
                                                   published, message.ordering_key))
 

@@ -73,4 +73,4 @@ def test_pulls_hand_the_ack_id_on_and_do_not_acknowledge():
     assert first.data == b"tweet 0" and first.message_id == "0"
     assert first.attributes["event_ts"] == "2026-12-07T00:00:00Z"
     assert first.publish_time == datetime.datetime(2026, 12, 6, 23, 33, 20, 250000,
-                                                   tzinfo=datetime.timezone.utc)
+                                                   tzinfo=datetime.UTC)
