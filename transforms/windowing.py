@@ -11,25 +11,23 @@ silently), flagged ``late=True`` and counted in
 ``WindowByEventTime/late_tweets``.
 
 A DoFn cannot read the watermark, so lateness is observed with event-time
-timers. The flag is kept in the global window, per shard of the tweet ids
-(``shards``), as one small record: ``closed_through`` (every window that
-ends at or before it is closed) and the ends of the windows that are still
-*pending* (seen, not yet known closed), each with a timer at its end. When
-a timer fires the watermark has passed that end, so ``closed_through``
-moves up to it and the pending ends up to it are dropped. A tweet is late
-when its window ends at or before ``closed_through``. A window whose very
-first tweet arrives after its end is known to be closed only once a timer
-at or after its end has fired (that of a later window, or its own after
-that first bundle), so the count is a lower bound for tweets that are late
-as a whole.
+timers. Per shard of the tweet ids (``shards``), in the global window, the
+step keeps one number, ``closed_through``: every window that ends at or
+before it is closed. Each window that gets a tweet while not known closed
+gets a timer at its end; when it fires the watermark has passed that end,
+and ``closed_through`` moves up to it. A tweet is late when its window ends
+at or before ``closed_through``. A window whose very first tweet arrives
+after its end is known to be closed only once a timer at or after its end
+has fired (a later window's, or its own after that first bundle), so the
+count is a lower bound for tweets that are late as a whole.
 
 Why not per-window state (a flag per window, the textbook form): a
 runner keeps a window's state until the window expires, ``allowed_lateness``
 (a day) after its end, and Beam's DirectRunner never frees it and copies a
 key's whole state at every bundle. At low event-time density (a window per
 tweet) that made each bundle cost as much as the windows seen so far, all
-day long. Here the state holds the pending windows alone: a handful in
-steady state, whatever the uptime.
+day long. Here the state is one number per shard, and the runner holds a
+timer per open window, whatever the uptime.
 
 One shard keeps the flag in one place; more let a cluster runner spread
 the step over its workers (each shard closes its windows on the same
@@ -40,12 +38,12 @@ their window's bounds.
 import zlib
 
 import apache_beam as beam
-from apache_beam.coders import ListCoder, TupleCoder, VarIntCoder
+from apache_beam.coders import VarIntCoder
 from apache_beam.metrics import Metrics
 from apache_beam.transforms import trigger, window
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
-from apache_beam.utils.timestamp import MIN_TIMESTAMP, Timestamp
+from apache_beam.utils.timestamp import MIN_TIMESTAMP, Duration, Timestamp
 
 from transforms.records import iso_from_seconds, seconds_from_iso
 
@@ -57,59 +55,59 @@ class _MarkLateFn(beam.DoFn):
     """Flags late records; the input is ``(shard, record)`` in the global
     window, stamped at the record's event time."""
 
-    # (closed_through, pending window ends), in microseconds.
-    LEDGER = ReadModifyWriteStateSpec("ledger", TupleCoder([VarIntCoder(),
-                                                            ListCoder(VarIntCoder())]))
-    # One timer per pending window end (the timer's tag is that end).
+    # Every window that ends at or before this (microseconds) is closed.
+    CLOSED_THROUGH = ReadModifyWriteStateSpec("closed_through", VarIntCoder())
+    # A timer per open window that got a record, tagged with the window's
+    # end: the runner holds the pending windows, and forgets each one as its
+    # timer fires.
     WINDOW_END = TimerSpec("window_end", TimeDomain.WATERMARK)
 
     def __init__(self, window_seconds: float):
-        self._window_seconds = window_seconds
+        self._size = Duration.of(window_seconds).micros
         self._late = Metrics.counter("WindowByEventTime", "late_tweets")
 
-    def setup(self):
-        self._windows = window.FixedWindows(self._window_seconds)
-
     def start_bundle(self):
-        # shard -> [closed_through, set of pending ends]: the state is read
-        # once per shard and bundle instead of once per tweet (on a portable
-        # runner each read is a round trip to the runner); this DoFn alone
-        # changes it, and the timer callback updates this too.
-        self._ledgers = {}
+        # shard -> [closed_through, window ends whose timer this bundle set]:
+        # the state is read once per shard and bundle instead of once per
+        # tweet (on a portable runner each read is a round trip to the
+        # runner), and a timer set once per window and bundle. Only this
+        # DoFn changes the state, and its timer callback updates this too.
+        self._shards = {}
 
-    def _ledger(self, key, state):
-        ledger = self._ledgers.get(key)
-        if ledger is None:
-            closed_through, pending = state.read() or (_NOTHING_CLOSED, [])
-            ledger = self._ledgers[key] = [closed_through, set(pending)]
-        return ledger
+    def _shard(self, key, closed_through):
+        shard = self._shards.get(key)
+        if shard is None:
+            stored = closed_through.read()
+            shard = self._shards[key] = [_NOTHING_CLOSED if stored is None else stored, set()]
+        return shard
 
     def process(self, element, timestamp=beam.DoFn.TimestampParam,
-                state=beam.DoFn.StateParam(LEDGER),
+                closed_through=beam.DoFn.StateParam(CLOSED_THROUGH),
                 window_end=beam.DoFn.TimerParam(WINDOW_END)):
         key, record = element
-        w = self._windows.assign(window.WindowFn.AssignContext(timestamp))[0]
-        record = record._replace(window_start=iso_from_seconds(float(w.start)),
-                                 window_end=iso_from_seconds(float(w.end)))
-        ledger = self._ledger(key, state)
-        end = w.max_timestamp().micros
-        if end <= ledger[0]:
+        # FixedWindows' own arithmetic (no offset), without building the window.
+        start = timestamp.micros - timestamp.micros % self._size
+        last = start + self._size - 1  # the window's max_timestamp
+        record = record._replace(window_start=iso_from_seconds(start / 1e6),
+                                 window_end=iso_from_seconds((start + self._size) / 1e6))
+        shard = self._shard(key, closed_through)
+        if last <= shard[0]:
             self._late.inc()
             yield record._replace(late=True)
             return
-        if end not in ledger[1]:
-            ledger[1].add(end)
-            state.write((ledger[0], sorted(ledger[1])))
-            window_end.set(Timestamp(micros=end), dynamic_timer_tag=str(end))
+        if last not in shard[1]:
+            shard[1].add(last)
+            # Setting it again (another bundle) leaves it as it was.
+            window_end.set(Timestamp(micros=last), dynamic_timer_tag=str(last))
         yield record
 
     @on_timer(WINDOW_END)
     def close(self, key=beam.DoFn.KeyParam, tag=beam.DoFn.DynamicTimerTagParam,
-              state=beam.DoFn.StateParam(LEDGER)):
-        ledger = self._ledger(key, state)
-        ledger[0] = max(ledger[0], int(tag))
-        ledger[1] = {end for end in ledger[1] if end > ledger[0]}
-        state.write((ledger[0], sorted(ledger[1])))
+              closed_through=beam.DoFn.StateParam(CLOSED_THROUGH)):
+        shard = self._shard(key, closed_through)
+        if int(tag) > shard[0]:
+            shard[0] = int(tag)
+            closed_through.write(shard[0])
 
 
 class _StampWindowFn(beam.DoFn):
