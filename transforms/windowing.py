@@ -43,7 +43,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms import trigger, window
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
-from apache_beam.utils.timestamp import MIN_TIMESTAMP, Duration, Timestamp
+from apache_beam.utils.timestamp import MIN_TIMESTAMP, Timestamp
 
 from transforms.records import iso_from_seconds, seconds_from_iso
 
@@ -63,7 +63,7 @@ class _MarkLateFn(beam.DoFn):
     WINDOW_END = TimerSpec("window_end", TimeDomain.WATERMARK)
 
     def __init__(self, window_seconds: float):
-        self._size = Duration.of(window_seconds).micros
+        self._windows = window.FixedWindows(window_seconds)
         self._late = Metrics.counter("WindowByEventTime", "late_tweets")
 
     def start_bundle(self):
@@ -85,11 +85,10 @@ class _MarkLateFn(beam.DoFn):
                 closed_through=beam.DoFn.StateParam(CLOSED_THROUGH),
                 window_end=beam.DoFn.TimerParam(WINDOW_END)):
         key, record = element
-        # FixedWindows' own arithmetic (no offset), without building the window.
-        start = timestamp.micros - timestamp.micros % self._size
-        last = start + self._size - 1  # the window's max_timestamp
-        record = record._replace(window_start=iso_from_seconds(start / 1e6),
-                                 window_end=iso_from_seconds((start + self._size) / 1e6))
+        (w,) = self._windows.assign(window.WindowFn.AssignContext(timestamp))
+        last = w.max_timestamp().micros
+        record = record._replace(window_start=iso_from_seconds(float(w.start)),
+                                 window_end=iso_from_seconds(float(w.end)))
         shard = self._shard(key, closed_through)
         if last <= shard[0]:
             self._late.inc()
