@@ -102,8 +102,9 @@ class BertstreamOptions(PipelineOptions):
                               "it (transforms/budget.py); a lone tweet is never held")
         win.add_argument("--dedupe_ttl_seconds", type=float, default=600,
                          help="how long (in event time) the pipeline remembers a tweet id in "
-                              "Beam state (DirectRunner, Dataflow; on Flink and Prism the ids "
-                              "are claimed in Redis); Redis remembers written ids for "
+                              "Beam state (Dataflow, and the DirectRunner with "
+                              "--direct_optimizations=off; elsewhere the ids are claimed in "
+                              "Redis); Redis remembers written ids for "
                               "--redis_dedupe_ttl_seconds")
 
         inf = parser.add_argument_group("inference")

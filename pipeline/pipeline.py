@@ -153,7 +153,6 @@ def build(p: beam.Pipeline, o: BertstreamOptions, handler=None) -> Outputs:
     parsed = raw | "ParseTweets" >> ParseTweets(timestamp_from_created_at=not o.is_pubsub)
     deduped = parsed.tweets | "DedupeByTweetId" >> DedupeByTweetId(
         o.dedupe_ttl_seconds,
-        shards=profiles.DEDUPE_SHARDS if profile.dedupe == profiles.SHARDED else 0,
         redis_config=o.redis_config() if profile.dedupe == profiles.IN_REDIS else None,
         claim_seconds=o.pubsub_lease_seconds // 2)
     by_event_time = WindowByEventTime(o.window_seconds, o.allowed_lateness_seconds,

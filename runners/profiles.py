@@ -9,7 +9,7 @@ layout of the stateful steps) and, on Beam's legacy DirectRunner, to install
 | runner | Pub/Sub read | acknowledged | dedupe |
 |---|---|---|---|
 | DirectRunner, file | - (Beam runs it as a batch job on its FnApiRunner) | - | GroupByKey |
-| DirectRunner, Pub/Sub | Beam's ``ReadFromPubSub``, pulls adjusted by ``runners/direct_runner.py`` | by the graph, once written | 16 keys of id sets |
+| DirectRunner, Pub/Sub | Beam's ``ReadFromPubSub``, pulls adjusted by ``runners/direct_runner.py`` | by the graph, once written | claims in Redis |
 | DirectRunner, ``--direct_optimizations=off`` | Beam's ``ReadFromPubSub`` as it ships | by Beam, on pull | a key per id |
 | PrismRunner | ``PullFromPubSub`` (a Python SDF) | by the graph | claims in Redis |
 | FlinkRunner | ``PullFromPubSub``; ``--pubsub_read=xlang``: Java ``PubsubIO`` | by the graph; xlang: by Flink at checkpoints | claims in Redis |
@@ -80,8 +80,7 @@ PRISM_HINT = (f"build it once with `make prism` (go install {PRISM_MODULE}@{PRIS
 
 
 # DedupeByTweetId's layouts.
-PER_ID, SHARDED, IN_REDIS = "per-id", "sharded", "redis"
-DEDUPE_SHARDS = 16
+PER_ID, IN_REDIS = "per-id", "redis"
 
 
 @dataclass(frozen=True)
@@ -94,10 +93,10 @@ class RunnerProfile:
     # slot, so a cluster spreads the step.
     late_shards: int = 1
     # DedupeByTweetId's layout (transforms/dedupe.py): PER_ID, a key per
-    # tweet id; SHARDED, 16 keys holding sets of ids (the legacy DirectRunner
-    # walks every key it has seen on each timer tick); IN_REDIS, claims in
-    # Redis (on portable runners a keyed-state access is a blocking Fn API
-    # round trip).
+    # tweet id; IN_REDIS, claims in Redis (on portable runners a keyed-state
+    # access is a blocking Fn API round trip; the legacy DirectRunner walks
+    # every key it has seen on each timer tick and rewrites a key's state
+    # whole at every bundle).
     dedupe: str = PER_ID
     # Beam's native read: the attribute Dataflow dedupes messages by.
     id_label: str | None = None
@@ -191,7 +190,7 @@ def profile_for(options: PipelineOptions, is_pubsub: bool, parallelism: int = 1,
     elif "prism" in lowered:
         profile = RunnerProfile("PrismRunner", PULL, dedupe=IN_REDIS)
     elif "direct" in lowered and is_pubsub and direct_optimizations == "on":
-        profile = RunnerProfile("DirectRunner", DIRECT, dedupe=SHARDED)
+        profile = RunnerProfile("DirectRunner", DIRECT, dedupe=IN_REDIS)
     elif "direct" in lowered:
         profile = RunnerProfile("DirectRunner", NATIVE)
     else:

@@ -46,9 +46,9 @@ def _streaming_pipeline() -> TestPipeline:
 def _job(p, stream, model_dir, redis_url=None, max_batch_size=64, dedupe="per-id"):
     """ParseTweets -> DedupeByTweetId -> RunSentiment -> WindowByEventTime (->
     WriteToRedis): the job's graph after its source (pipeline.build).
-    ``dedupe``: "per-id", "sharded" or "redis" (the layouts, transforms/dedupe.py)."""
+    ``dedupe``: "per-id" or "redis" (the layouts, transforms/dedupe.py)."""
     parsed = p | stream | ParseTweets()
-    layout = {"per-id": {}, "sharded": {"shards": 16},
+    layout = {"per-id": {},
               "redis": {"redis_config": RedisConfig(url=redis_url or "")}}[dedupe]
     tweets = (parsed.tweets | DedupeByTweetId(ttl_seconds=600, **layout)).tweets
     scored, dead = tweets | RunSentiment(local_handler(str(model_dir)), max_batch_size,
@@ -193,7 +193,7 @@ def test_many_windows_results_counts_and_late_counts_in_redis(tiny_model_dir, re
     del result
 
 
-@pytest.mark.parametrize("dedupe", ["per-id", "sharded", "redis"])
+@pytest.mark.parametrize("dedupe", ["per-id", "redis"])
 def test_dedupe_across_windows(tiny_model_dir, dedupe, redis_url):
     stream = (TestStream()
               .advance_watermark_to(T0)
@@ -227,20 +227,6 @@ def test_batches_respect_max_size_and_cross_windows(tiny_model_dir):
     assert (sizes.count, sizes.sum, sizes.max) == (3, 9, 4)
 
 
-class _SetState:
-    def __init__(self):
-        self.items = set()
-
-    def read(self):
-        return self.items
-
-    def add(self, value):
-        self.items.add(value)
-
-    def clear(self):
-        self.items = set()
-
-
 class _ValueState:
     value = None
 
@@ -264,32 +250,6 @@ class _Timer:
 def _tweet(tweet_id: str) -> Tweet:
     return Tweet(tweet_id, "text", None, None, "en", "{}", f"test:{tweet_id}",
                  ack_id=f"ack-{tweet_id}")
-
-
-def test_sharded_dedupe_forgets_an_id_after_two_rotations():
-    """The sharded layout's generations, with the DoFn called directly."""
-    from apache_beam.utils.timestamp import Timestamp
-
-    from transforms.dedupe import SKIPPED, _FirstPerIdShardedFn
-
-    fn = _FirstPerIdShardedFn(ttl_seconds=10)
-    current, previous, armed, timer = _SetState(), _SetState(), _ValueState(), _Timer()
-    now = Timestamp.now()
-
-    def offer(tweet_id):
-        return list(fn.process((0, _tweet(tweet_id)), current, previous, armed, timer))
-
-    assert len(offer("9")) == 1 and now + 4 < timer.at < now + 6  # processing time
-    (skipped,) = offer("9")  # duplicate within the generation: its ack id goes on
-    assert (skipped.tag, skipped.value) == (SKIPPED, "ack-9")
-    fn.rotate(current, previous, armed, timer)
-    assert [o.tag for o in offer("9")] == [SKIPPED]  # remembered in the previous generation
-    fn.rotate(current, previous, armed, timer)
-    out = offer("9")
-    assert len(out) == 1 and isinstance(out[0], Tweet)  # forgotten after ttl: state stays bounded
-    fn.rotate(current, previous, armed, timer)
-    fn.rotate(current, previous, armed, timer)
-    assert current.items == set() and previous.items == set() and armed.read() is None
 
 
 def test_per_id_dedupe_expiry_clears_its_key():

@@ -19,29 +19,25 @@ A bounded input (a file) is deduplicated with a GroupByKey instead: the
 runner groups the ids itself, with no per-id state to keep (and Beam's
 batch runner prices every state write by walking the process's objects).
 
-Three layouts of the streaming idea:
+Two layouts of the streaming idea:
 
-- per id (0, the default): the key is the tweet id; runners keep keyed state
-  and timers in indexed stores, so this scales with the stream.
-- sharded (N): the ids go to N keys, each with two generations of ids
-  (``SetState``) rotated every ``ttl_seconds / 2`` of processing time by one
-  timer: an id is remembered between ``ttl/2`` and ``ttl``. For Beam's legacy
-  DirectRunner, which walks every key a stateful DoFn has ever seen on each
-  timer tick (``watermark_manager.extract_transform_timers``): with a key per
-  tweet a long run slowed down linearly (55% of the job's CPU in that walk
-  after 3,000 tweets). Processing time there, because that runner's Pub/Sub
-  watermark is the wall clock (an event-time TTL would forget a replayed old
-  tweet at once) and its processing-time timers hold no watermark. Dataflow
-  does not support ``SetState``.
-- in Redis (``redis_config`` given; the runner profile's choice on portable
-  runners, Flink and Prism): no Beam state. Each bundle's ids are checked in
+- per id (the default): the key is the tweet id; runners that keep keyed
+  state and timers in indexed stores (Dataflow) scale with the stream.
+- in Redis (``redis_config`` given; the runner profile's choice on the
+  adjusted DirectRunner, Prism, Flink and other portable runners): no Beam
+  state. Each bundle's ids are checked in
   one pipelined round trip to the Redis the results go to: an id whose
   result is already there (the sink's ``seen`` key) is a copy, and the first
   copy of a new id takes a short claim (``SET NX EX``) that later copies
   meet. On Flink's portable runner each keyed-state access is a blocking
   round trip through the Fn API: the per-id layout read and committed state
   twice per tweet, which took as long as the model took to score the tweets
-  (docs/runners.md). The claim lasts half the Pub/Sub lease, so a
+  (docs/runners.md). Beam's legacy DirectRunner walks every key a stateful
+  DoFn has seen on each timer tick, so a key per id slows it down with every
+  tweet; a few keys holding sets of ids (the layout it had before) were
+  decoded, re-encoded and rewritten whole at every bundle, a cost that grew
+  with the ids remembered until at 80 % of its capacity latency rose through
+  the minute (docs/benchmarks.md). The claim lasts half the Pub/Sub lease, so a
   message redelivered because its job died (only after the whole lease) is
   never mistaken for a copy; a copy that arrives after the claim ended but
   before the first copy's result is scored again and written once (the sink
@@ -50,20 +46,16 @@ Three layouts of the streaming idea:
   passes (the sink, which must reach Redis anyway, still writes each once).
 """
 
-import time
-import zlib
-
 import apache_beam as beam
-from apache_beam.coders import BooleanCoder, StrUtf8Coder
+from apache_beam.coders import BooleanCoder
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import (
     ReadModifyWriteStateSpec,
-    SetStateSpec,
     TimerSpec,
     on_timer,
 )
-from apache_beam.utils.timestamp import Duration, Timestamp
+from apache_beam.utils.timestamp import Duration
 
 from bertstream.config import RedisConfig
 from transforms.records import Tweet, seconds_from_iso
@@ -133,48 +125,6 @@ class _FirstOfGroupFn(beam.DoFn):
         yield beam.window.TimestampedValue(first, seconds_from_iso(first.event_time))
 
 
-class _FirstPerIdShardedFn(beam.DoFn):
-    CURRENT = SetStateSpec("current", StrUtf8Coder())
-    PREVIOUS = SetStateSpec("previous", StrUtf8Coder())
-    ARMED = ReadModifyWriteStateSpec("armed", BooleanCoder())
-    ROTATE = TimerSpec("rotate", TimeDomain.REAL_TIME)
-
-    def __init__(self, ttl_seconds: float):
-        self._half = ttl_seconds / 2
-        self._unique = Metrics.counter("DedupeByTweetId", "unique")
-        self._duplicates = Metrics.counter("DedupeByTweetId", "duplicates_skipped")
-
-    def process(self, element, current=beam.DoFn.StateParam(CURRENT),
-                previous=beam.DoFn.StateParam(PREVIOUS), armed=beam.DoFn.StateParam(ARMED),
-                rotate=beam.DoFn.TimerParam(ROTATE)):
-        _, tweet = element
-        key = dedupe_key(tweet)
-        if key in current.read() or key in previous.read():
-            self._duplicates.inc()
-            yield beam.pvalue.TaggedOutput(SKIPPED, tweet.ack_id)
-            return
-        current.add(key)
-        if not armed.read():
-            armed.write(True)
-            rotate.set(Timestamp.of(time.time() + self._half))
-        self._unique.inc()
-        yield tweet
-
-    @on_timer(ROTATE)
-    def rotate(self, current=beam.DoFn.StateParam(CURRENT),
-               previous=beam.DoFn.StateParam(PREVIOUS), armed=beam.DoFn.StateParam(ARMED),
-               rotate=beam.DoFn.TimerParam(ROTATE)):
-        keys = set(current.read())
-        previous.clear()
-        for key in keys:
-            previous.add(key)
-        current.clear()
-        if keys:  # the previous generation must expire in turn
-            rotate.set(Timestamp.of(time.time() + self._half))
-        else:
-            armed.clear()
-
-
 # KEYS: the sink's result key for the id, the claim key, the stats hash.
 # ARGV: claim TTL s. 1: the first copy (claimed now); 0: a copy (an earlier
 # copy holds the claim); 2: its result is already in Redis (counted, as the
@@ -231,7 +181,6 @@ class DedupeByTweetId(beam.PTransform):
 
     Args:
       ttl_seconds: how long an id is remembered (the Beam-state layouts).
-      shards: 0 for a key per id, else the sharded layout (module doc).
       redis_config: the layout in Redis (module doc): the sink's Redis, whose
         ``seen`` keys say which ids have a result.
       claim_seconds: how long a first copy's claim lasts in Redis; at most
@@ -244,11 +193,10 @@ class DedupeByTweetId(beam.PTransform):
       finds them).
     """
 
-    def __init__(self, ttl_seconds: float = DEFAULT_TTL_SECONDS, shards: int = 0,
+    def __init__(self, ttl_seconds: float = DEFAULT_TTL_SECONDS,
                  redis_config: RedisConfig | None = None, claim_seconds: int = 30):
         super().__init__()
         self._ttl = ttl_seconds
-        self._shards = shards
         self._redis = redis_config
         self._claim_seconds = claim_seconds
 
@@ -264,15 +212,8 @@ class DedupeByTweetId(beam.PTransform):
             return tweets | "FirstPerIdInRedis" >> beam.ParDo(
                 _FirstPerIdInRedisFn(self._redis, self._claim_seconds)).with_output_types(
                     Tweet).with_outputs(SKIPPED, ALREADY, main="tweets")
-        shards = self._shards
-        if shards:
-            keyed = tweets | "KeyByShard" >> beam.Map(
-                lambda t: (zlib.crc32(dedupe_key(t).encode()) % shards, t)
-            ).with_output_types(tuple[int, Tweet])
-            fn = _FirstPerIdShardedFn(self._ttl)
-        else:
-            keyed = tweets | "KeyById" >> beam.Map(
-                lambda t: (dedupe_key(t), t)).with_output_types(tuple[str, Tweet])
-            fn = _FirstPerIdFn(self._ttl)
+        keyed = tweets | "KeyById" >> beam.Map(
+            lambda t: (dedupe_key(t), t)).with_output_types(tuple[str, Tweet])
+        fn = _FirstPerIdFn(self._ttl)
         return keyed | "FirstPerId" >> beam.ParDo(fn).with_output_types(Tweet).with_outputs(
             SKIPPED, ALREADY, main="tweets")

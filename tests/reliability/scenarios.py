@@ -168,9 +168,10 @@ def pipeline_crash(ctx: Ctx) -> dict:
 # --- Pub/Sub duplicates and redelivery --------------------------------------------------
 
 def pubsub_duplicates(ctx: Ctx) -> dict:
-    """The same tweet published three times (some copies seconds apart, past
-    the job's 5 s dedupe, so the sink's SET NX has to catch them), and
-    messages redelivered after a consumer let their 10 s ack deadline expire."""
+    """The same tweet published three times (some copies seconds apart, after
+    the first copy's result is in Redis, where the dedupe's claim script or
+    the sink's SET NX has to catch them), and messages redelivered after a
+    consumer let their 10 s ack deadline expire."""
     n = 900 if ctx.full else 120
     server = LocalRedis().start()
     client = client_for(server.url)
@@ -190,10 +191,10 @@ def pubsub_duplicates(ctx: Ctx) -> dict:
         pulled = rogue.pull(subscription=subscription, max_messages=40, timeout=30)
         redelivered = len(pulled.received_messages)
         rogue.close()
-        argv = job_argv(ctx, subscription, server.url, "--dedupe_ttl_seconds", "5")
+        argv = job_argv(ctx, subscription, server.url)
         with InProcessJob(argv) as job:
             wait_until(lambda: _results(client) >= 1, 240, "the first result")
-            time.sleep(6)  # past the in-memory dedupe's TTL
+            time.sleep(6)  # the first copies' results are written by now
             publish(topic, wave2)
             publish(topic, [message(t) for t in tripled])  # the third copy
             wait_until(lambda: len(written_ids(client, ids)) >= n, 300, "every tweet once")
