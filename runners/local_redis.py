@@ -41,16 +41,20 @@ def ensure_redis(options):
     import redis
 
     config = options.redis_config()
+    parsed = urllib.parse.urlparse(config.url)
+    # Not for rediss://: a TLS failure (an untrusted certificate) looks like
+    # a connection error, and a plaintext stand-in would take the results.
+    may_start_own = (not options.no_local_redis and parsed.hostname in _LOOPBACK
+                     and parsed.scheme == "redis")
     try:
-        check_connection(config)
+        # Where the job may start its own, one try: on this machine a refused
+        # connection means no server, and `make run` on a fresh machine would
+        # otherwise wait through --redis_retries, logging each refusal.
+        check_connection(config._replace(retries=0) if may_start_own else config)
         yield RedisInfo(config.url)
         return
     except (redis.ConnectionError, redis.TimeoutError) as err:
-        parsed = urllib.parse.urlparse(config.url)
-        # Not for rediss://: a TLS failure (an untrusted certificate) looks like
-        # a connection error, and a plaintext stand-in would take the results.
-        if options.no_local_redis or parsed.hostname not in _LOOPBACK \
-                or parsed.scheme != "redis":
+        if not may_start_own:
             raise ValueError(f"--redis_url {redacted(config.url)}: {err}") from None
         _LOG.info("nothing answers at %s; starting a redis-server of our own",
                   redacted(config.url))

@@ -169,8 +169,10 @@ def test_train_precision_is_resolved_and_keyed(tmp_path, monkeypatch):
     assert f32.resolved() is f32
     assert f32.cache_key() != bf16.cache_key()
     # The default float32 training as built before the option existed (the
-    # model card's training_build_key then): its cached build is still found.
-    old_default = BuildConfig(out=tmp_path, train_precision="float32", max_train_rows=18000)
+    # model card's training_build_key then, before distillation: --no-distill):
+    # its cached build is still found.
+    old_default = BuildConfig(out=tmp_path, train_precision="float32", max_train_rows=18000,
+                              soft_labels=None)
     assert old_default.cache_key() == "179cc390e3f1871f"
 
 
