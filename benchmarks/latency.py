@@ -158,9 +158,9 @@ def warm_emulator(publisher, subscriber, messages: int) -> float:
     exactly when its own first seconds were measured. Pub/Sub itself is a
     service that is always warm and runs elsewhere; the job's own warm-up
     still counts, since it starts only after this."""
-    started = time.monotonic()
     if messages <= 0:
         return 0.0
+    started = time.monotonic()
     topic = publisher.topic_path("bertstream-bench", "emulator-warmup")
     subscription = subscriber.subscription_path("bertstream-bench", "emulator-warmup-sub")
     publisher.create_topic(name=topic)
@@ -299,8 +299,9 @@ def measure_capacity(model_dir: str, runner: str, job_flags: list[str],
     with LocalRedis() as server, LocalPubSubEmulator() as emulator:
         os.environ["PUBSUB_EMULATOR_HOST"] = emulator.host
         try:
-            warm_emulator(pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient(),
-                          emulator_warmup)
+            subscriber = pubsub_v1.SubscriberClient()
+            warm_emulator(pubsub_v1.PublisherClient(), subscriber, emulator_warmup)
+            subscriber.close()
             run = streaming_run("live", 200, common.make_tweets(2000, 200, texts=texts),
                                 model_dir, server.url, runner, job_flags, 900)
         finally:
