@@ -101,6 +101,18 @@ def test_a_claim_expires_so_a_redelivery_after_a_crash_is_scored(redis_url):
         fn.teardown()
 
 
+def test_scripts_forgotten_by_redis_are_loaded_again(fn, redis_url):
+    """The scripts run by SHA1; a Redis that lost them (restarted, SCRIPT FLUSH)
+    answers NOSCRIPT, and the bundle loads them and still claims in order."""
+    client = redis.Redis.from_url(redis_url)
+    assert _bundle(fn, [_tweet("1")]) == (["1"], [])
+    client.script_flush()
+    assert not any(client.script_exists(fn._sha))
+    passed, skipped = _bundle(fn, [_tweet("1", "pubsub:b"), _tweet("6"), _tweet("6", "pubsub:c")])
+    assert passed == ["6"] and skipped == ["ack-1-pubsub:b", "ack-6-pubsub:c"]
+    assert all(client.script_exists(fn._sha))
+
+
 def test_redis_unavailable_lets_every_tweet_through():
     fn = _FirstPerIdInRedisFn(RedisConfig(url="redis://127.0.0.1:1/0", retries=0), 30)
     fn.setup()

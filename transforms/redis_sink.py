@@ -22,7 +22,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
-from bertstream.config import LATENCY_BUCKET_PREFIX, LATENCY_BUCKETS, RedisConfig, connect
+from bertstream.config import LATENCY_BUCKET_PREFIX, LATENCY_BUCKETS, RedisConfig, shared_client
 from transforms.records import DeadLetter, Result, seconds_from_iso
 
 _LOG = logging.getLogger(__name__)
@@ -98,8 +98,8 @@ class BufferedRedisFn(beam.DoFn):
         self._connection_failures = Metrics.counter(self.namespace, "connection_failures")
 
     def setup(self):
-        self._client = connect(self._config)
-        self._script = self._client.register_script(self.script)
+        self._client = shared_client(self._config)
+        self._sha = hashlib.sha1(self.script.encode()).hexdigest()
 
     def start_bundle(self):
         self._buffer: list[tuple[object, object, object]] = []
@@ -112,10 +112,6 @@ class BufferedRedisFn(beam.DoFn):
     def finish_bundle(self):
         yield from self._flush()
 
-    def teardown(self):
-        if self._client is not None:
-            self._client.close()
-
     def _flush(self):
         if not self._buffer:
             return []
@@ -124,11 +120,7 @@ class BufferedRedisFn(beam.DoFn):
         import redis
 
         try:
-            pipe = self._client.pipeline(transaction=False)
-            for element, _, _ in buffered:
-                keys, args = self.script_call(element)
-                self._script(keys=keys, args=args, client=pipe)
-            replies = pipe.execute()
+            replies = self._run_script([self.script_call(e) for e, _, _ in buffered])
         except (redis.ConnectionError, redis.TimeoutError) as err:
             self._connection_failures.inc(len(buffered))
             reason = f"redis unavailable after {self._config.retries} retries: {err}"
@@ -142,6 +134,37 @@ class BufferedRedisFn(beam.DoFn):
             if self.emits_acks and element.ack_id:
                 out.append(_windowed(beam.pvalue.TaggedOutput(ACKS, element.ack_id), ts, w))
         return out
+
+    def _run_script(self, calls: list[tuple[list[str], list]]) -> list:
+        """The script's reply to each (KEYS, ARGV), in one pipelined round trip.
+
+        By its SHA1 (``EVALSHA``), loading it only when Redis answers NOSCRIPT
+        (first use, a restarted server): redis-py's ``Script`` in a pipeline asks
+        ``SCRIPT EXISTS`` first, a second round trip per flush. Only the calls
+        that met NOSCRIPT run again; those that ran keep their replies (a claim
+        made must not be made twice)."""
+        import redis
+
+        replies: list = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for attempt in range(2):
+            pipe = self._client.pipeline(transaction=False)
+            for i in todo:
+                keys, args = calls[i]
+                pipe.evalsha(self._sha, len(keys), *keys, *args)
+            missing = []
+            for i, reply in zip(todo, pipe.execute(raise_on_error=False)):
+                if isinstance(reply, redis.exceptions.NoScriptError) and not attempt:
+                    missing.append(i)
+                elif isinstance(reply, redis.ResponseError):
+                    raise reply
+                else:
+                    replies[i] = reply
+            if not missing:
+                break
+            self._client.script_load(self.script)
+            todo = missing
+        return replies
 
     # Subclasses: the script, its KEYS/ARGV per element, and what to emit.
     script = ""
@@ -282,7 +305,7 @@ class _CountFn(beam.DoFn):
         self._client = None
 
     def setup(self):
-        self._client = connect(self._config)
+        self._client = shared_client(self._config)
 
     def start_bundle(self):
         self._count = 0
@@ -298,10 +321,6 @@ class _CountFn(beam.DoFn):
                 self._client.hincrby(self._config.stats_key, self._field, self._count)
             except (redis.ConnectionError, redis.TimeoutError) as err:
                 _LOG.warning("could not count %d %s in Redis: %s", self._count, self._field, err)
-
-    def teardown(self):
-        if self._client is not None:
-            self._client.close()
 
 
 class CountInRedis(beam.PTransform):
