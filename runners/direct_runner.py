@@ -29,14 +29,24 @@ every bundle. ``install`` changes these private parts of it, in this process:
    and timers read from a step's per-key states while another thread's
    bundle adds a key ("dictionary changed size during iteration", which
    failed the job: ``watermark_manager._TransformWatermarks``).
-   And two for latency under load: Beam adds input from its roots (the next
+   And three for latency under load: a step's empty output bundle (no dead
+   letters, no duplicates: most tagged outputs of most bundles) is not handed
+   to the steps downstream, which ran a bundle of nothing each, with a DoFn
+   deserialized, inspected, set up and torn down for it (Beam's watermark
+   manager already ignores empty bundles, as Beam's Java DirectRunner does:
+   ``schedule_consumers``). Beam adds input from its roots (the next
    Pub/Sub pull) only once every step has finished its bundle, so a tweet
    waited up to two whole cycles; here the next pull starts as soon as a
    thread is free (``_MonitorTask._add_work_if_necessary``). Bundles waiting
    at a stateful step ran newest first (``deque.pop``); here first come,
    first served (``_SerialEvaluationState``).
-3. **DoFn inspection** (``userstate.get_dofn_specs``): computed once per
-   DoFn class instead of three to five times per bundle and step.
+3. **DoFn copies and inspection**: each bundle of a step runs on a fresh copy
+   of its DoFn (``pickler.roundtrip`` in ``_ParDoEvaluator.start_bundle``);
+   here the DoFn is serialized once per step and each copy only
+   deserialized, as Beam's own TODO there suggests. ``userstate.get_dofn_specs``
+   is computed once per DoFn class, or, for DoFns whose answer depends on the
+   instance (``beam.Map``'s wrapper, ``with_exception_handling``'s), once per
+   step's DoFn and its copies, instead of three to five times per bundle and step.
 
 Each patch first checks that Beam's code is the code it was written against
 (a hash of its source, ``EXPECTED``) and raises ``BeamChanged`` otherwise,
@@ -44,13 +54,16 @@ naming ``--direct_optimizations=off``, which runs Beam's DirectRunner as it
 ships (and acknowledges on pull). Measured figures: docs/architecture.md.
 """
 
+import contextlib
 import datetime
 import hashlib
 import inspect
+import itertools
 import logging
 import threading
 import time
 import types
+import weakref
 from typing import NamedTuple, Optional
 
 _LOG = logging.getLogger(__name__)
@@ -84,8 +97,12 @@ EXPECTED = {
     "_add_work_if_necessary": "9899e67c4b7b57e5",
     "runners.direct.executor._SerialEvaluationState._update_currently_evaluating":
         "ee2071ff91b08184",
+    "runners.direct.executor._ExecutorServiceParallelExecutor.schedule_consumers":
+        "5c15aecb5546afe6",
     "transforms.userstate.get_dofn_specs":
         "eeb36145d3115aa0",
+    "runners.direct.transform_evaluator._ParDoEvaluator.start_bundle":
+        "23c7e2f6f26f091d",
     "runners.direct.watermark_manager._TransformWatermarks.extract_transform_timers":
         "897adb07f063798e",
 }
@@ -335,6 +352,15 @@ def _patch_executor(threads: int) -> None:
                                                    executor_.default_completion_callback)
         return None
 
+    schedule_consumers = parallel.schedule_consumers
+
+    def _schedule_consumers(self, committed_bundle):
+        # The watermark manager never counted an empty bundle as pending
+        # (watermark_manager._update_pending), so skipping it changes no
+        # watermark; side inputs are filled before this, in handle_result.
+        if committed_bundle.has_elements():
+            schedule_consumers(self, committed_bundle)
+
     serial = executor._SerialEvaluationState
     update_serial = serial._update_currently_evaluating
 
@@ -356,6 +382,8 @@ def _patch_executor(threads: int) -> None:
     _call.__wrapped__ = call
     _add_work_if_necessary.__wrapped__ = add_work
     _update_currently_evaluating.__wrapped__ = update_serial
+    _schedule_consumers.__wrapped__ = schedule_consumers
+    parallel.schedule_consumers = _schedule_consumers
     monitor._should_shutdown = _should_shutdown
     monitor.call = _call
     monitor._add_work_if_necessary = _add_work_if_necessary
@@ -395,9 +423,11 @@ def _patch_timer_extraction() -> None:
     transform_watermarks.extract_transform_timers = extract_transform_timers
 
 
-# --- 3. DoFn inspection -------------------------------------------------------------
+# --- 3. DoFn copies and inspection ----------------------------------------------------
 
 _ELIGIBLE: dict[type, bool] = {}
+# A DoFn copy's attribute: the token of the bytes it was deserialized from.
+_ORIGIN = "_bertstream_origin"
 
 
 def _class_key(dofn):
@@ -416,18 +446,77 @@ def _class_key(dofn):
     return cls
 
 
+class _SerializedOnce:
+    """Stands in for ``apache_beam.internal.pickler`` in Beam's
+    transform_evaluator, whose one use of it is ``roundtrip`` of a step's DoFn
+    at the start of every bundle (a fresh copy per bundle: bundles of a step
+    run concurrently). The DoFn is serialized once; each copy is deserialized
+    from those bytes and carries their token, which keys its inspection (a
+    token is never reused, unlike an id)."""
+
+    def __init__(self, pickler):
+        self._pickler = pickler
+        self._lock = threading.Lock()
+        self._tokens = itertools.count(1)
+        # id(step's DoFn) -> (weak reference to it, its bytes, their token)
+        self._serialized: dict[int, tuple[weakref.ref, bytes, int]] = {}
+
+    def roundtrip(self, obj):
+        with self._lock:
+            entry = self._serialized.get(id(obj))
+            if entry is None or entry[0]() is not obj:
+                entry = None
+        if entry is None:
+            entry = (weakref.ref(obj), self._pickler.dumps(obj), next(self._tokens))
+            with self._lock:
+                self._serialized[id(obj)] = entry
+        copy = self._pickler.loads(entry[1])
+        with contextlib.suppress(TypeError):  # no __dict__: inspected as Beam does
+            vars(copy)[_ORIGIN] = entry[2]
+        return copy
+
+    def token_of(self, dofn) -> Optional[int]:
+        """The token of the bytes ``dofn`` is, or was copied from; None when unknown."""
+        try:
+            token = vars(dofn).get(_ORIGIN)
+        except TypeError:
+            return None
+        if token is not None:
+            return token
+        with self._lock:
+            entry = self._serialized.get(id(dofn))
+        return entry[2] if entry is not None and entry[0]() is dofn else None
+
+    def __getattr__(self, name):
+        return getattr(self._pickler, name)
+
+
+_serialized_once: Optional[_SerializedOnce] = None
+
+
+def _specs_key(dofn):
+    key = _class_key(dofn)
+    if key is not None or _serialized_once is None:
+        return key
+    token = _serialized_once.token_of(dofn)
+    return None if token is None else ("serialized", token)
+
+
 def _patch_specs() -> None:
     if "specs" in _installed:
         return
+    global _serialized_once
     from apache_beam.runners.direct import transform_evaluator
     from apache_beam.transforms import userstate
 
+    _serialized_once = _SerializedOnce(transform_evaluator.pickler)
+    transform_evaluator.pickler = _serialized_once
     original = userstate.get_dofn_specs
     cache: dict = {}
     lock = threading.Lock()
 
     def get_dofn_specs(dofn):
-        key = _class_key(dofn)
+        key = _specs_key(dofn)
         if key is None:
             return original(dofn)
         with lock:

@@ -1,6 +1,7 @@
 """runners/direct_runner.py: each patch of Beam's DirectRunner checks that
 Beam's code is what it was written against, and refuses loudly otherwise."""
 
+import apache_beam as beam
 import pytest
 
 from runners import direct_runner
@@ -74,3 +75,94 @@ def test_pulls_hand_the_ack_id_on_and_do_not_acknowledge():
     assert first.attributes["event_ts"] == "2026-12-07T00:00:00Z"
     assert first.publish_time == datetime.datetime(2026, 12, 6, 23, 33, 20, 250000,
                                                    tzinfo=datetime.UTC)
+
+
+def test_a_steps_dofn_is_serialized_once_and_every_bundle_gets_its_own_copy():
+    import types
+
+    from apache_beam.internal import pickler
+
+    dumped = []
+
+    def dumps(obj):
+        dumped.append(obj)
+        return pickler.dumps(obj)
+
+    once = direct_runner._SerializedOnce(types.SimpleNamespace(dumps=dumps, loads=pickler.loads))
+    step, other = beam.Map(lambda x: x + 1).dofn, beam.Map(lambda x: x - 1).dofn
+    first, second = once.roundtrip(step), once.roundtrip(step)
+    assert first is not second and first is not step
+    assert first.process(1) == second.process(1) == [2]
+    assert dumped == [step]
+    assert once.token_of(first) == once.token_of(second) == once.token_of(step) is not None
+    once.roundtrip(other)
+    assert once.token_of(other) not in (None, once.token_of(step))
+    assert once.token_of(beam.Map(str).dofn) is None  # never copied: inspected as Beam does
+
+
+def test_dofn_specs_are_keyed_by_the_step_for_instance_dependent_dofns():
+    from apache_beam.runners.direct import transform_evaluator
+    from apache_beam.transforms import userstate
+
+    direct_runner.install(threads=2)
+    copier = transform_evaluator.pickler
+    assert isinstance(copier, direct_runner._SerializedOnce)
+
+    class Stateful(beam.DoFn):
+        seen = beam.DoFn.StateParam(userstate.SetStateSpec("seen", beam.coders.StrUtf8Coder()))
+
+        def process(self, element, seen=seen):
+            yield element
+
+    plain = beam.Map(str).dofn
+    copies = [copier.roundtrip(plain), copier.roundtrip(plain)]
+    keys = {direct_runner._specs_key(c) for c in copies}
+    assert len(keys) == 1 and None not in keys
+    assert userstate.get_dofn_specs(copies[0]) == (set(), set())
+    stateful = copier.roundtrip(Stateful())
+    assert {s.name for s in userstate.get_dofn_specs(stateful)[0]} == {"seen"}
+    assert direct_runner._specs_key(stateful) == Stateful  # by class: not instance-dependent
+
+
+class _CountBundles(beam.DoFn):
+    bundles: dict = {}
+
+    def __init__(self, name):
+        self._name = name
+
+    def start_bundle(self):
+        self.bundles[self._name] = self.bundles.get(self._name, 0) + 1
+
+    def process(self, element):
+        yield element
+
+
+class _Split(beam.DoFn):
+    def process(self, element):
+        if element < 0:
+            yield beam.pvalue.TaggedOutput("negative", element)
+        else:
+            yield element
+
+
+def test_an_empty_output_bundle_runs_no_bundle_downstream():
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+    from apache_beam.testing.test_stream import TestStream
+    from apache_beam.testing.util import assert_that, equal_to
+
+    direct_runner.install(threads=2)
+    _CountBundles.bundles.clear()
+    options = PipelineOptions(runner="DirectRunner")
+    options.view_as(StandardOptions).streaming = True
+    stream = (TestStream().add_elements([1, 2, 3]).advance_watermark_to(10)
+              .add_elements([4, -5]).advance_watermark_to(20).add_elements([6])
+              .advance_watermark_to_infinity())
+    with beam.Pipeline(options=options) as p:
+        split = p | stream | beam.ParDo(_Split()).with_outputs("negative", main="positive")
+        positive = split.positive | "Positive" >> beam.ParDo(_CountBundles("positive"))
+        negative = split.negative | "Negative" >> beam.ParDo(_CountBundles("negative"))
+        assert_that(positive, equal_to([1, 2, 3, 4, 6]), label="AllPositive")
+        assert_that(negative, equal_to([-5]), label="AllNegative")
+    # Three bundles reached the split; one of them had a negative element.
+    assert _CountBundles.bundles["negative"] == 1
+    assert _CountBundles.bundles["positive"] == 3
