@@ -88,6 +88,16 @@ _SHARED: dict = {}
 _SHARED_LOCK = threading.Lock()
 
 
+def per_process(key, make):
+    """``make()``'s result, made once per ``key`` in this process (a forked
+    child makes its own): for clients the job's DoFns share and do not close."""
+    key = (key, os.getpid())
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            _SHARED[key] = make()
+        return _SHARED[key]
+
+
 def shared_client(config: RedisConfig):
     """The process's one redis-py client for ``config`` (``connect``'s), for
     the job's DoFns; its users do not close it.
@@ -96,15 +106,11 @@ def shared_client(config: RedisConfig):
     sets every DoFn up and tears it down around each bundle: a client per DoFn
     instance cost each bundle of each Redis step a new connection (a TCP
     connect and redis-py's ``CLIENT SETINFO`` round trips), 4 % of the job's
-    Python time under load (py-spy, docs/direct-runner.md). Runners that keep
+    Python time under load (py-spy, docs/benchmarks.md). Runners that keep
     their DoFns share it too: one pool per worker process.
     """
-    key = (config, os.environ.get("REDIS_PASSWORD"), os.getpid())
-    with _SHARED_LOCK:
-        client = _SHARED.get(key)
-        if client is None:
-            client = _SHARED[key] = connect(config)
-        return client
+    return per_process(("redis", config, os.environ.get("REDIS_PASSWORD")),
+                       lambda: connect(config))
 
 
 def check_connection(config: RedisConfig) -> None:

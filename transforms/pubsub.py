@@ -24,8 +24,6 @@ which ``WindowByEventTime`` counts.
 
 import datetime as dt
 import logging
-import os
-import threading
 import time
 import uuid
 
@@ -36,6 +34,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.core import RestrictionProvider
 from apache_beam.utils.timestamp import Duration, Timestamp
 
+from bertstream.config import per_process
 from transforms.budget import LatencyBudget
 from transforms.dedupe import REPLAY_PREFIX
 from transforms.records import Envelope, iso_from_seconds, seconds_from_iso
@@ -124,23 +123,15 @@ def subscriber_client(emulator_host: str | None = None):
         transport=SubscriberGrpcTransport(channel=grpc.insecure_channel(emulator_host)))
 
 
-_SHARED: dict = {}
-_SHARED_LOCK = threading.Lock()
-
-
 def shared_subscriber(emulator_host: str | None = None):
     """The process's one ``subscriber_client(emulator_host)``, for the job's
     DoFns; its users do not close it. A gRPC channel serves concurrent calls.
     Beam's legacy DirectRunner sets every DoFn up and tears it down around each
     bundle: a client per instance cost each bundle of the acknowledging step a
     new channel and client, 7 % of the job's Python time under load (py-spy,
-    docs/direct-runner.md)."""
-    key = (emulator_host, os.getpid())
-    with _SHARED_LOCK:
-        client = _SHARED.get(key)
-        if client is None:
-            client = _SHARED[key] = subscriber_client(emulator_host)
-        return client
+    docs/benchmarks.md)."""
+    return per_process(("pubsub-subscriber", emulator_host),
+                       lambda: subscriber_client(emulator_host))
 
 
 class _SubscriberFn(beam.DoFn):
