@@ -25,7 +25,7 @@ import os
 import subprocess
 
 from pipeline.pipeline import ReadTweets
-from runners.local_servers import _LoggedServer, die_with_parent, free_port, run_logs
+from runners.local_servers import _LoggedServer, dying_with_parent, free_port, run_logs
 
 _LOG = logging.getLogger(__name__)
 
@@ -50,10 +50,9 @@ class _JavaServer(_LoggedServer):
         # No GCE metadata probe from the Google auth library.
         env = dict(os.environ, NO_GCE_CHECK="true")
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(["java", *self.args()], stdout=log,
-                                         stderr=subprocess.STDOUT, env=env,
-                                         start_new_session=True,
-                                         preexec_fn=die_with_parent)
+            self.proc = subprocess.Popen(dying_with_parent(["java", *self.args()]),
+                                         stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True)
         return self
 
 

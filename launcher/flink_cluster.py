@@ -218,14 +218,13 @@ class Supervisor:
                 "--port", str(s.workers_port), "--preload", "tensorflow,tensorflow_text"]
 
     def start(self, role: str) -> None:
-        from runners.local_servers import die_with_parent
+        from runners.local_servers import dying_with_parent
 
         log = self.spec.path("log", f"{role}.log")
         with open(log, "ab") as out:
             self.procs[role] = subprocess.Popen(
-                self.command(role), stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                env=dict(os.environ, NO_GCE_CHECK="true"), start_new_session=True,
-                preexec_fn=die_with_parent)
+                dying_with_parent(self.command(role)), stdout=out, stderr=subprocess.STDOUT,
+                cwd=ROOT, env=dict(os.environ, NO_GCE_CHECK="true"), start_new_session=True)
         _LOG.info("started %s pid %d (log %s)", role, self.procs[role].pid, log)
 
     def state(self) -> dict:

@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -73,14 +74,28 @@ def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float, what: str)
     raise TimeoutError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:.0f}s")
 
 
-def die_with_parent() -> None:
-    """For ``subprocess.Popen(preexec_fn=...)``: the child is killed when the
-    process that started it dies, even by SIGKILL (Linux ``PR_SET_PDEATHSIG``),
-    so a killed launcher leaves no job server running a job on its own."""
-    import ctypes
+# Run by a fresh interpreter before it becomes the child: asks Linux for
+# SIGKILL when its parent dies (PR_SET_PDEATHSIG = 1), gives up if the parent
+# is already gone, then execs the command (the request survives exec).
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGKILL)\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(f'{sys.argv[2]}: its parent exited before it started')\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n")
 
-    pr_set_pdeathsig = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+def dying_with_parent(args: list[str]) -> list[str]:
+    """``args`` as a command that is killed when this process dies, even by
+    SIGKILL (Linux ``PR_SET_PDEATHSIG``), so a killed launcher leaves no job
+    server running a job on its own.
+
+    Set by a small exec wrapper, not ``Popen(preexec_fn=...)``: Python code run
+    between fork and exec is unsafe in a process with other threads, and with
+    a gRPC client's threads (a Pub/Sub client) alive, the Flink job server's
+    child aborted before exec now and then (SIGABRT, "epoll_wait error: Bad
+    file descriptor" in its log)."""
+    return [sys.executable, "-I", "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), *args]
 
 
 def stop_process_group(proc: subprocess.Popen, sig: int = signal.SIGTERM,

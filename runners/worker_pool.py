@@ -23,7 +23,7 @@ import time
 from concurrent import futures
 from pathlib import Path
 
-from runners.local_servers import _LoggedServer, die_with_parent, free_port, run_logs
+from runners.local_servers import _LoggedServer, dying_with_parent, free_port, run_logs
 
 _LOG = logging.getLogger(__name__)
 
@@ -111,10 +111,10 @@ class LocalWorkerPool(_LoggedServer):
     def launch(self) -> "LocalWorkerPool":
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "runners.worker_pool", "--port", str(self.port)]
-                + ([f"--preload={','.join(self.preload)}"] if self.preload else []),
+                dying_with_parent(
+                    [sys.executable, "-m", "runners.worker_pool", "--port", str(self.port)]
+                    + ([f"--preload={','.join(self.preload)}"] if self.preload else [])),
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                preexec_fn=die_with_parent,
                 cwd=Path(__file__).resolve().parent.parent, env=dict(os.environ))
         return self
 

@@ -153,3 +153,47 @@ def test_portable_runner_local_job_service_with_a_file(redis_url, tiny_model_dir
     # sample_tweets.jsonl: 292 distinct good tweets, one duplicate, 7 bad lines.
     assert client.xlen("sentiment:results") == 292
     assert client.xlen("sentiment:deadletter") == 7
+
+
+def test_a_server_started_dying_with_its_parent_dies_with_it(tmp_path):
+    """The servers the launcher starts (job server, expansion service, worker
+    pool, a local cluster's JVMs) are killed with it, even by SIGKILL; the
+    request is made by an exec wrapper, so the child is the command itself."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, time\n"
+        "from runners.local_servers import dying_with_parent\n"
+        "child = subprocess.Popen(dying_with_parent(['sleep', '60']))\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        "time.sleep(60)\n")], cwd=os.path.dirname(os.path.dirname(__file__)))
+    try:
+        deadline = time.monotonic() + 30
+        while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        child = int(pid_file.read_text())
+        cmdline = b""
+        while not cmdline.startswith(b"sleep\0") and time.monotonic() < deadline:
+            cmdline = open(f"/proc/{child}/cmdline", "rb").read()
+            time.sleep(0.05)
+        assert cmdline.split(b"\0")[:2] == [b"sleep", b"60"]  # exec'd in place: same pid
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        while os.path.exists(f"/proc/{child}") and time.monotonic() < deadline:
+            try:  # reaped by init once killed; a zombie counts as dead
+                if open(f"/proc/{child}/stat").read().split(") ")[1].startswith("Z"):
+                    break
+            except FileNotFoundError:
+                break
+            time.sleep(0.05)
+        alive = os.path.exists(f"/proc/{child}") and not open(
+            f"/proc/{child}/stat").read().split(") ")[1].startswith("Z")
+        assert not alive
+    finally:
+        if parent.poll() is None:
+            parent.kill()
