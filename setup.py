@@ -55,6 +55,10 @@ setup(
     packages=find_packages(include=["bertstream", "pipeline", "pipeline.*", "transforms",
                                     "transforms.*", "runners", "ops", "launcher",
                                     "launcher.*", "ingest", "ingest.*", "model", "model.*"]),
+    # The packages sit at the top level: said explicitly, so an editable install
+    # is a plain .pth entry (setuptools otherwise installs an import finder and
+    # prints a boxed "BuildBackendWarning" that reads like a failure).
+    package_dir={"": "."},
     package_data={"pipeline": ["data/*.jsonl"], "ops": ["dashboard_static/*"],
                   "ingest": ["data/*.jsonl"]},
     install_requires=REQUIRED,

@@ -177,23 +177,24 @@ def test_a_server_started_dying_with_its_parent_dies_with_it(tmp_path):
         while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
             time.sleep(0.05)
         child = int(pid_file.read_text())
+        proc = Path(f"/proc/{child}")
+
+        def running() -> bool:  # a zombie (killed, not yet reaped by init) is not
+            try:
+                return not (proc / "stat").read_text().split(") ")[1].startswith("Z")
+            except FileNotFoundError:
+                return False
+
         cmdline = b""
         while not cmdline.startswith(b"sleep\0") and time.monotonic() < deadline:
-            cmdline = open(f"/proc/{child}/cmdline", "rb").read()
+            cmdline = (proc / "cmdline").read_bytes()
             time.sleep(0.05)
         assert cmdline.split(b"\0")[:2] == [b"sleep", b"60"]  # exec'd in place: same pid
         parent.send_signal(signal.SIGKILL)
         parent.wait()
-        while os.path.exists(f"/proc/{child}") and time.monotonic() < deadline:
-            try:  # reaped by init once killed; a zombie counts as dead
-                if open(f"/proc/{child}/stat").read().split(") ")[1].startswith("Z"):
-                    break
-            except FileNotFoundError:
-                break
+        while running() and time.monotonic() < deadline:
             time.sleep(0.05)
-        alive = os.path.exists(f"/proc/{child}") and not open(
-            f"/proc/{child}/stat").read().split(") ")[1].startswith("Z")
-        assert not alive
+        assert not running()
     finally:
         if parent.poll() is None:
             parent.kill()
