@@ -469,6 +469,9 @@ class _SerializedOnce:
         if entry is None:
             entry = (weakref.ref(obj), self._pickler.dumps(obj), next(self._tokens))
             with self._lock:
+                # A new step: forget those whose DoFn is gone (an earlier pipeline's).
+                self._serialized = {k: v for k, v in self._serialized.items()
+                                    if v[0]() is not None}
                 self._serialized[id(obj)] = entry
         copy = self._pickler.loads(entry[1])
         with contextlib.suppress(TypeError):  # no __dict__: inspected as Beam does

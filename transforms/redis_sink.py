@@ -94,12 +94,13 @@ class BufferedRedisFn(beam.DoFn):
     def __init__(self, config: RedisConfig):
         self._config = config
         self._client = None
+        # Computed once here: on the DirectRunner setup runs at every bundle.
+        self._sha = hashlib.sha1(self.script.encode()).hexdigest()
         self._latency = Metrics.distribution(self.namespace, "flush_latency_ms")
         self._connection_failures = Metrics.counter(self.namespace, "connection_failures")
 
     def setup(self):
         self._client = shared_client(self._config)
-        self._sha = hashlib.sha1(self.script.encode()).hexdigest()
 
     def start_bundle(self):
         self._buffer: list[tuple[object, object, object]] = []
@@ -145,26 +146,22 @@ class BufferedRedisFn(beam.DoFn):
         made must not be made twice)."""
         import redis
 
-        replies: list = [None] * len(calls)
-        todo = list(range(len(calls)))
-        for attempt in range(2):
-            pipe = self._client.pipeline(transaction=False)
-            for i in todo:
-                keys, args = calls[i]
-                pipe.evalsha(self._sha, len(keys), *keys, *args)
-            missing = []
-            for i, reply in zip(todo, pipe.execute(raise_on_error=False)):
-                if isinstance(reply, redis.exceptions.NoScriptError) and not attempt:
-                    missing.append(i)
-                elif isinstance(reply, redis.ResponseError):
-                    raise reply
-                else:
-                    replies[i] = reply
-            if not missing:
-                break
+        replies = self._evalsha(calls)
+        missing = [i for i, r in enumerate(replies) if isinstance(r, redis.exceptions.NoScriptError)]
+        if missing:
             self._client.script_load(self.script)
-            todo = missing
+            for i, reply in zip(missing, self._evalsha([calls[i] for i in missing])):
+                replies[i] = reply
+        for reply in replies:
+            if isinstance(reply, redis.ResponseError):
+                raise reply
         return replies
+
+    def _evalsha(self, calls: list[tuple[list[str], list]]) -> list:
+        pipe = self._client.pipeline(transaction=False)
+        for keys, args in calls:
+            pipe.evalsha(self._sha, len(keys), *keys, *args)
+        return pipe.execute(raise_on_error=False)
 
     # Subclasses: the script, its KEYS/ARGV per element, and what to emit.
     script = ""
