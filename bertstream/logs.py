@@ -28,6 +28,7 @@ _BENIGN_NATIVE = re.compile("|".join([
     r"cpu_feature_guard\.cc:\d+\] This TensorFlow binary is optimized",
     r"^To enable the following instructions: .* rebuild TensorFlow",
     r"util\.cc:\d+\] oneDNN supports DT_INT64 only on platforms with AVX-512",
+    r"generator_dataset_op\.cc:\d+\] Memory patch applied: M_TRIM_THRESHOLD",
 ]))
 # Beam 2.77 logs this at each RunInference set-up when PyTorch is absent (its
 # import of `resource` sits in the same try block as a torch-only module).
@@ -85,6 +86,24 @@ def quiet_tensorflow() -> None:
 
         tf.config.list_physical_devices()  # the CUDA probe
         tf.function(lambda: tf.transpose(tf.zeros((1, 1), tf.int64)))()  # the int64 line
+
+
+def quiet_generator_datasets() -> None:
+    """The first iteration of a ``tf.data.Dataset.from_generator`` in a
+    process logs ``I0000 ... Memory patch applied: M_TRIM_THRESHOLD=128 kb``
+    (tf.data sets malloc's trim threshold, once). Training calls this before
+    its first epoch so the line is made here, where it is filtered, and not in
+    the middle of the build's progress."""
+    quiet_tensorflow()
+    if verbose():
+        return
+    import tensorflow as tf
+
+    with native_stderr_filtered():
+        dataset = tf.data.Dataset.from_generator(
+            lambda: iter([0]), output_signature=tf.TensorSpec([], tf.int32))
+        for _ in dataset:
+            pass
 
 
 class _DropBenign(logging.Filter):

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bertstream import logs
 from bertstream.config import cache_dir
 from model import data, mpnet, resume, student
 from model.evaluate import metrics
@@ -505,6 +506,8 @@ def train(cfg: BuildConfig, export_dir: Path,
              "segment_ids": tf.TensorSpec([None, None], tf.int32)},
             tf.TensorSpec([None, student.TARGET_WIDTH], tf.float32) if distillation
             else tf.TensorSpec([None], tf.int32))
+
+    logs.quiet_generator_datasets()
 
     def dataset_of(batches):
         return tf.data.Dataset.from_generator(lambda: iter(batches), output_signature=spec)

@@ -4,6 +4,7 @@ looks like a fault, in a command's output unless --log_level debug asks.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -44,3 +45,30 @@ def test_debug_shows_tensorflows_own_lines_again(tiny_model_dir):
                           capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "cuda" in done.stderr.lower() or "I0000" in done.stderr
+
+
+GENERATOR_DATASET = """
+from bertstream import logs
+logs.quiet_generator_datasets()
+import tensorflow as tf
+spec = tf.TensorSpec([None], tf.int32)
+for batch in tf.data.Dataset.from_generator(lambda: iter([[1, 2]]), output_signature=spec):
+    print(batch.numpy().tolist())
+"""
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("level", ["info", "debug"])
+def test_a_builds_generator_dataset_is_quiet_unless_debug(level):
+    """Training feeds Keras from a generator dataset, whose first iteration
+    in a process logs tf.data's malloc "Memory patch" line in the middle of
+    the build's progress; model.build makes that first iteration filtered."""
+    done = subprocess.run([sys.executable, "-c", GENERATOR_DATASET], cwd=ROOT,
+                          capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "BERTSTREAM_LOG_LEVEL": level})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["[1, 2]"]
+    patch_lines = [line for line in done.stderr.splitlines() if "Memory patch" in line]
+    assert len(patch_lines) == (1 if level == "debug" else 0), done.stderr[-2000:]
+    if level == "info":
+        assert [line for line in done.stderr.splitlines() if any(n in line for n in NOISE)] == []
