@@ -72,3 +72,26 @@ def test_a_builds_generator_dataset_is_quiet_unless_debug(level):
     assert len(patch_lines) == (1 if level == "debug" else 0), done.stderr[-2000:]
     if level == "info":
         assert [line for line in done.stderr.splitlines() if any(n in line for n in NOISE)] == []
+
+
+@pytest.mark.timeout(600)
+def test_a_model_build_is_quiet(tmp_path):
+    """What a newcomer's `make run` shows while the model trains: progress,
+    and no TensorFlow line that looks like a fault (tf.data's I0000 line). A
+    tiny build in a cache of its own, so it trains, with the downloaded wheels
+    shared."""
+    from tests.conftest import CACHE
+
+    (tmp_path / "cache").mkdir()
+    (CACHE / "wheels").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "cache" / "wheels").symlink_to(CACHE / "wheels")
+    done = subprocess.run(
+        [sys.executable, "-m", "model", "build", "--tiny", "--max-train-rows", "64",
+         "--max-eval-rows", "48", "--cache-dir", str(tmp_path / "cache"),
+         "--out", str(tmp_path / "model")], cwd=ROOT, capture_output=True, text=True,
+        timeout=540)
+    assert done.returncode == 0, done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    assert "train step" in output  # it trained, and said so
+    assert [line for line in output.splitlines()
+            if any(n in line for n in NOISE) or "WARNING" in line] == [], output[-3000:]
