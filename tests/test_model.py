@@ -87,6 +87,24 @@ def test_load_reviews_maps_categories_and_keeps_plots_short(tmp_path):
                             data.Row("Two hours I will never get back.", 0)]
 
 
+def test_load_imdb_keeps_each_reviews_closing_sentences(tmp_path):
+    path = tmp_path / "imdb.csv"
+    long_ending = "word " * 70 + "end."
+    path.write_text(
+        "review,sentiment\n"
+        "\"The plot follows a chef.<br /><br />The acting is wooden. Avoid it.\",negative\n"
+        "\"A long setup here. Loved every minute! 9/10\",positive\n"
+        "\"Other words here. Loved every minute! 9/10\",negative\n"  # same ending, other label
+        f"\"Fine. {long_ending}\",positive\n"  # its last sentence alone is too long
+        "\"Meh.\",neutral\n", encoding="utf-8")  # not a rating
+    rows = data.load_imdb(path, max_chars=40)
+    assert rows == [data.Row("The acting is wooden. Avoid it.", 0)]
+    everything = data.load_imdb(path, max_chars=400)
+    assert data.Row("Fine. " + long_ending.strip(), 2) in everything
+    assert data.Row("The plot follows a chef. The acting is wooden. Avoid it.", 0) in everything
+    assert data.Row("Other words here. Loved every minute! 9/10", 0) in everything
+
+
 def test_load_ood_tweets_keeps_one_row_per_tweet_and_splits_by_id(tmp_path):
     path = tmp_path / "t.csv"
     lines = []
