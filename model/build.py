@@ -253,6 +253,15 @@ def _length_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generat
     return batches
 
 
+def length_sorted_batches(texts: list[str], size: int) -> list[np.ndarray]:
+    """Indices of ``texts`` in batches of similar length (by characters, a
+    proxy for WordPieces): scoring pads each batch to its longest text, and
+    in file order most of a batch of tweets is padding. Callers put each
+    batch's results back at its indices."""
+    order = np.argsort(np.array([len(t) for t in texts], dtype=np.int64), kind="stable")
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
 def _new_classifier(cfg: BuildConfig, encoder_dir: Path, dtype: str = "float32"):
     """keras-hub's BERT classifier from the checkpoint (or tiny and random),
     or model/mpnet.py's MPNet classifier for ``--encoder mpnet-base``,
@@ -549,13 +558,14 @@ def train(cfg: BuildConfig, export_dir: Path,
 
 
     def eval_logits(rows: list[data.Row], name: str) -> np.ndarray:
-        out = []
+        texts = [r.text for r in rows]
+        out = np.zeros((len(rows), len(data.LABELS)), np.float32)
         progress = RateLog(f"scoring {name}", len(rows))
-        for i in range(0, len(rows), 64):
-            feats = features_fn(tf.constant([r.text for r in rows[i:i + 64]]))
-            out.append(tf.cast(logits_fn(feats), tf.float32).numpy())
-            progress.add(len(out[-1]))
-        return np.concatenate(out) if out else np.zeros((0, len(data.LABELS)))
+        for batch in length_sorted_batches(texts, 64):
+            feats = features_fn(tf.constant([texts[i] for i in batch]))
+            out[batch] = tf.cast(logits_fn(feats), tf.float32).numpy()
+            progress.add(len(batch))
+        return out
 
     def validate(epoch: int) -> float:
         val = _score(evals["ood_validation"], eval_logits(evals["ood_validation"],
@@ -767,16 +777,15 @@ def export_serving(cfg: BuildConfig, trained: Path, out: Path, precision: str) -
     scored, agreement, difference, agreement_by_split = {}, [], 0.0, {}
     for name in ("test", "ood_test"):
         rows = evals[name]
-        ours, theirs = [], []
+        ours = np.zeros((len(rows), len(data.LABELS)), np.float32)
+        theirs = ours if reference is module else np.zeros_like(ours)
         progress = RateLog(f"serving graph on {name}", len(rows))
-        for i in range(0, len(rows), 64):
-            texts = tf.constant([r.text for r in rows[i:i + 64]])
-            ours.append(module.serve_text(texts)["probabilities"].numpy())
-            theirs.append(ours[-1] if reference is module else
-                          reference.serve_text(texts)["probabilities"].numpy())
-            progress.add(len(ours[-1]))
-        ours = np.concatenate(ours) if ours else np.zeros((0, len(data.LABELS)))
-        theirs = np.concatenate(theirs) if theirs else ours
+        for batch in length_sorted_batches([r.text for r in rows], 64):
+            texts = tf.constant([rows[i].text for i in batch])
+            ours[batch] = module.serve_text(texts)["probabilities"].numpy()
+            if reference is not module:
+                theirs[batch] = reference.serve_text(texts)["probabilities"].numpy()
+            progress.add(len(batch))
         scored[name] = _score(rows, ours)
         agreement.extend(ours.argmax(1) == theirs.argmax(1))
         agreement_by_split[name] = (float(np.mean(ours.argmax(1) == theirs.argmax(1)))

@@ -91,6 +91,9 @@ def test_a_trial_teacher_labels_texts_and_a_student_is_built_from_them(tmp_path)
     cache = tmp_path / "cache"
     cache.mkdir()
     for shared in ("wheels", "encoders"):  # the downloads, not the builds
+        # Made first: a link to a directory not there yet (a fresh machine's
+        # cache) makes the build's mkdir fail with FileExistsError.
+        (CACHE / shared).mkdir(parents=True, exist_ok=True)
         (cache / shared).symlink_to(CACHE / shared, target_is_directory=True)
     soft = tmp_path / "soft.npz"
     env = {**os.environ, "BERTSTREAM_CACHE": str(cache)}

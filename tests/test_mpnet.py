@@ -253,6 +253,9 @@ def test_tiny_mpnet_build_serves_the_contract(tmp_path, checkpoint):
     cache = tmp_path / "cache"
     cache.mkdir()
     for shared in ("wheels", "encoders"):  # the downloads, not the builds
+        # Made first: a link to a directory not there yet (a fresh machine's
+        # cache) makes the build's mkdir fail with FileExistsError.
+        (CACHE / shared).mkdir(parents=True, exist_ok=True)
         (cache / shared).symlink_to(CACHE / shared, target_is_directory=True)
     cfg = BuildConfig.tiny_defaults(out=tmp_path / "out", encoder=mpnet.NAME,
                                     max_train_rows=64, max_eval_rows=48, cache_dir=cache,
