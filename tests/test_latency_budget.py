@@ -13,7 +13,7 @@ import json
 
 import apache_beam as beam
 import pytest
-from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from pipeline.options import BertstreamOptions
@@ -137,7 +137,7 @@ def test_the_job_step_scores_a_burst_in_calls_that_fit(meter, tiny_model_dir, tm
                 f.write(f"{len(batch)}\n")
             return self._inner.run_inference(batch, model, inference_args)
 
-    with TestPipeline() as p:
+    with BeamTestPipeline() as p:
         results, dead = (p | beam.Create(tweets, reshuffle=False)
                          | RunSentiment(Counting(), max_batch_size=64, budget=target))
         assert_that(results | beam.Map(lambda r: r.tweet_id),

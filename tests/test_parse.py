@@ -6,7 +6,7 @@ import json
 
 import apache_beam as beam
 import pytest
-from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from transforms.contract import MAX_TEXT_CHARS, BadMessage
@@ -109,7 +109,7 @@ def test_parse_tweets_transform_splits_outputs():
               Envelope("f:2", b"{bad"), Envelope("f:3", _tweet(id="2", text="   ")),
               Envelope("f:4", _tweet(id="3", created_at="yesterday")),
               Envelope("f:5", _tweet(id="4", created_at=...))]
-    with TestPipeline() as p:
+    with BeamTestPipeline() as p:
         out = p | beam.Create(inputs) | ParseTweets(timestamp_from_created_at=True)
         # A file's event time is created_at, to the millisecond, in the record.
         assert_that(out.tweets | "Ids" >> beam.Map(

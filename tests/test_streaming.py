@@ -14,8 +14,8 @@ import apache_beam as beam
 import pytest
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
-from apache_beam.testing.test_pipeline import TestPipeline
-from apache_beam.testing.test_stream import TestStream
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
+from apache_beam.testing.test_stream import TestStream as BeamTestStream
 from apache_beam.transforms.window import TimestampedValue
 
 from bertstream.config import RedisConfig
@@ -37,10 +37,10 @@ def message(tweet_id: str, seconds: float, text: str = "a perfectly ordinary day
     return TimestampedValue(Envelope(f"pubsub:{tweet_id}-{seconds}", body), seconds)
 
 
-def _streaming_pipeline() -> TestPipeline:
+def _streaming_pipeline() -> BeamTestPipeline:
     options = PipelineOptions()
     options.view_as(StandardOptions).streaming = True
-    return TestPipeline(options=options)
+    return BeamTestPipeline(options=options)
 
 
 def _job(p, stream, model_dir, redis_url=None, max_batch_size=64, dedupe="per-id"):
@@ -92,7 +92,7 @@ def _batch_sizes(pipeline_result):
 def test_event_time_and_window_fields(tiny_model_dir):
     """``event_time`` is the tweet's own time to the millisecond (not its
     window's end), for tweets that share a window and for late ones."""
-    stream = (TestStream()
+    stream = (BeamTestStream()
               .advance_watermark_to(T0)
               .add_elements([message("1", T0 + 0.417), message("2", T0 + 1.999),
                              message("3", T0 + 2.0), message("4", T0 + 5.5)])
@@ -163,7 +163,7 @@ def test_many_windows_results_counts_and_late_counts_in_redis(tiny_model_dir, re
         rng.shuffle(tweets)
         schedule.append((watermark, tweets))
         watermark += 4
-    stream = TestStream()
+    stream = BeamTestStream()
     for watermark, tweets in schedule:
         stream = stream.advance_watermark_to(watermark).add_elements(
             [message(i, ts, "some words " * (1 + int(ts) % 5)) for i, ts in tweets])
@@ -195,7 +195,7 @@ def test_many_windows_results_counts_and_late_counts_in_redis(tiny_model_dir, re
 
 @pytest.mark.parametrize("dedupe", ["per-id", "redis"])
 def test_dedupe_across_windows(tiny_model_dir, dedupe, redis_url):
-    stream = (TestStream()
+    stream = (BeamTestStream()
               .advance_watermark_to(T0)
               .add_elements([message("7", T0 + 0.5)])
               .advance_watermark_to(T0 + 6)
@@ -214,7 +214,7 @@ def test_dedupe_across_windows(tiny_model_dir, dedupe, redis_url):
 def test_batches_respect_max_size_and_cross_windows(tiny_model_dir):
     """Nine tweets of one bundle in three windows, max 4: batches of 4, 4
     and 1, not one or more per window."""
-    stream = (TestStream()
+    stream = (BeamTestStream()
               .advance_watermark_to(T0)
               .add_elements([message(f"a{i}", T0 + 0.7 * i, "the same length text here")
                              for i in range(9)])
