@@ -27,6 +27,7 @@ def _tweet(**fields) -> bytes:
     (b'"just a string"', "not_object"),
     (_tweet(id=...), "missing_id"),
     (_tweet(id=""), "missing_id"),
+    (json.dumps({"data": json.loads(_tweet()), "matching_rules": []}).encode(), "api_response"),
     (_tweet(id=1.5e18), "bad_id"),
     (_tweet(id=True), "bad_id"),
     (_tweet(id="12 34"), "bad_id"),
@@ -66,6 +67,13 @@ def test_bad_input_is_refused_with_a_reason(data, code):
 def test_unicode_passes_unchanged(text):
     tweet = parse_tweet(_tweet(text=text), "test:1")
     assert tweet.text == text
+
+
+def test_a_byte_order_mark_before_the_json_is_ignored():
+    assert parse_tweet("\ufeff".encode() + _tweet(), "file:1").tweet_id == "1850000000000000001"
+    with pytest.raises(BadMessage) as err:  # only before the document
+        parse_tweet(b'{"id": "1",\xef\xbb\xbf "text": "hi"}', "file:1")
+    assert err.value.code == "bad_json"
 
 
 def test_ids_stay_exact_strings():

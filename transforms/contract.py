@@ -82,6 +82,10 @@ def _utf8(data: bytes) -> str:
 def load_json(data: bytes | str) -> Any:
     """Parses UTF-8 JSON; integers stay exact (an id above 2**53 survives)."""
     text = _utf8(data) if isinstance(data, bytes) else data
+    # A byte order mark before the JSON (what Windows editors and Excel write
+    # at the start of a UTF-8 file) is ignored, as RFC 8259 section 8.1 allows
+    # a parser to; json.loads refuses it.
+    text = text.removeprefix("\ufeff")
     try:
         return json.loads(text)
     except RecursionError:
@@ -188,6 +192,11 @@ def check_tweet(value: Any, require_created_at: bool = False) -> TweetFields:
     """
     if not isinstance(value, dict):
         raise BadMessage("not_object", f"{_json_type(value)}, not a JSON object")
+    if "id" not in value and "data" in value:
+        # What X's endpoints answer, the filtered stream's lines included:
+        # worth a reason of its own rather than "no id".
+        raise BadMessage("api_response", 'an X API response ({"data": ...}), not a tweet '
+                                         'object: send the tweet under "data", one a line')
     tweet_id = check_id(value.get("id"))
     text = _check_text(value.get("text"))
     created = _check_created_at(value.get("created_at"), require_created_at)
