@@ -232,6 +232,18 @@ def test_read_labelled_jsonl_reports_bad_lines(tmp_path):
     assert [n for n, _ in skipped] == [2, 4, 5, 6, 7]
 
 
+@pytest.mark.parametrize("name, counts", [
+    ("labelled_tweets.jsonl", {"negative": 14, "neutral": 14, "positive": 14}),
+    ("hard_tweets.jsonl", {"negative": 3, "neutral": 8, "positive": 12}),
+])
+def test_the_documented_labelled_files_read_whole(name, counts):
+    """docs/model.md runs `model evaluate` on these and quotes their make-up."""
+    texts, gold, skipped = read_labelled_jsonl(Path(__file__).parent.parent / "docs" / name)
+    assert skipped == []
+    assert {label: gold.count(label) for label in set(gold)} == counts
+    assert len(set(texts)) == len(texts)
+
+
 @pytest.fixture(scope="module")
 def trained_tiny(tmp_path_factory):
     """A tiny model trained in this process, so the Keras objects are at hand."""
