@@ -496,17 +496,16 @@ def train(cfg: BuildConfig, export_dir: Path,
         # teacher scored join them with its soft label alone (model/student.py).
         provenance = student.check_soft_labels(cfg.soft_labels)
         soft = SoftLabels(cfg.soft_labels, "logits")
-        unlabelled = student.unlabelled_rows(cfg, soft, cfg.unlabelled_rows)
-        source_rows[data.OOD_TWEETS.name] = len(unlabelled)
+        limits = {data.OOD_TWEETS.name: cfg.unlabelled_rows}
         if cfg.stream_rows:
-            everyday = student.unlabelled_rows(cfg, soft, cfg.stream_rows,
-                                               data.STREAM_SAMPLE.name)
-            if not everyday:
-                raise ValueError(f"--stream-rows {cfg.stream_rows}: {cfg.soft_labels} has no "
-                                 "soft labels for text-models' tweets; make a file that does "
-                                 "with `python -m model teacher`")
-            source_rows[data.STREAM_SAMPLE.name] = len(everyday)
-            unlabelled += everyday
+            limits[data.STREAM_SAMPLE.name] = cfg.stream_rows
+        by_source = student.unlabelled_rows(cfg, soft, limits)
+        if cfg.stream_rows and not by_source[data.STREAM_SAMPLE.name]:
+            raise ValueError(f"--stream-rows {cfg.stream_rows}: {cfg.soft_labels} has no "
+                             "soft labels for text-models' tweets; make a file that does "
+                             "with `python -m model teacher`")
+        source_rows.update({name: len(rows) for name, rows in by_source.items()})
+        unlabelled = [row for rows in by_source.values() for row in rows]
         rows = train_rows + unlabelled
         targets = student.targets(rows, soft)
         distillation = student.card_section(cfg, provenance, rows, targets, source_rows)

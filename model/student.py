@@ -74,22 +74,25 @@ def check_soft_labels(path: Path) -> dict:
     return provenance
 
 
-def unlabelled_rows(cfg, soft: SoftLabels, limit: int | None = None,
-                    source: str = data.OOD_TWEETS.name) -> list[data.Row]:
-    """The tweets of ``source`` the teacher labelled, which carry no gold
-    label, as rows labelled ``UNLABELLED``: those ``soft`` has a label for (a
-    row with neither label would teach nothing), all of them or ``limit``
-    drawn with ``cfg.seed``. They are ``model.teacher.distillation_texts``'s
-    own, so none is in an evaluation split or in the labelled training pool.
-    ``source``: the out-of-domain collection's unrated tweets, or
-    ``data.STREAM_SAMPLE``'s everyday ones."""
-    stream = source == data.STREAM_SAMPLE.name
-    texts = distillation_texts(cfg, stream_sample=stream)[source]
-    found = ~np.isnan(soft.lookup(texts)).any(axis=1)
-    texts = [t for t, ok in zip(texts, found) if ok]
-    if limit is not None and limit < len(texts):
-        texts = random.Random(cfg.seed).sample(texts, limit)
-    return [data.Row(text, UNLABELLED) for text in texts]
+def unlabelled_rows(cfg, soft: SoftLabels, limits: dict[str, int | None]
+                    ) -> dict[str, list[data.Row]]:
+    """For each source in ``limits`` (the out-of-domain collection's unrated
+    tweets, ``data.STREAM_SAMPLE``'s everyday ones), the tweets the teacher
+    labelled, which carry no gold label, as rows labelled ``UNLABELLED``:
+    those ``soft`` has a label for (a row with neither label would teach
+    nothing), all of them (limit None) or the limit drawn with ``cfg.seed``.
+    They are ``model.teacher.distillation_texts``'s own (read once for all
+    sources), so none is in an evaluation split or in the labelled pool."""
+    sources = distillation_texts(cfg, stream_sample=data.STREAM_SAMPLE.name in limits)
+    out = {}
+    for source, limit in limits.items():
+        texts = sources[source]
+        found = ~np.isnan(soft.lookup(texts)).any(axis=1)
+        texts = [t for t, ok in zip(texts, found) if ok]
+        if limit is not None and limit < len(texts):
+            texts = random.Random(cfg.seed).sample(texts, limit)
+        out[source] = [data.Row(text, UNLABELLED) for text in texts]
+    return out
 
 
 def targets(rows: list[data.Row], teacher_logits) -> np.ndarray:
