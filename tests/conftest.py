@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -20,6 +21,28 @@ from runners.local_servers import LocalPubSubEmulator, LocalRedis, find_pubsub_e
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = cache_dir()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_temp_dir(tmp_path_factory):
+    """The temporary directory of this session and of every process it starts
+    (TMPDIR): one directory under pytest's base temp, which pytest prunes to
+    the last three runs. Beam's portable runners leave a staging directory in
+    it per job submission (``tmp*/submission_environment_dependencies.txt``,
+    ``beam-pipeline-temp*``, ``beam-temp*``), and each job a test starts keeps
+    its Redis data for a restart (``bertstream-redis-*``): about fifty a run
+    that would otherwise pile up in /tmp. (The JVMs ignore TMPDIR.) The
+    walkthroughs print those Redis paths; scripts/walkthrough.py masks the
+    directory they are in."""
+    path = tmp_path_factory.mktemp("tmp", numbered=False)
+    saved = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"] = tempfile.tempdir = str(path)
+    yield path
+    if saved[0] is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved[0]
+    tempfile.tempdir = saved[1]
 
 
 @pytest.fixture(scope="session")

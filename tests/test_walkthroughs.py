@@ -37,6 +37,13 @@ def test_masking_keeps_what_must_match():
     assert walkthrough.missing_lines(shown, "  read                299\n"
                                             "  tweets/s            28.0 (10.1s)") == [
         "  read                300"]
+    # A run's Redis directory is under TMPDIR, whichever it is; the port in it varies.
+    shown = "its data is in /tmp/bertstream-redis-0d9h_z6w. Bring it back with:\n"
+    assert walkthrough.missing_lines(
+        shown, "its data is in /tmp/pytest-of-ci/pytest-3/tmp/bertstream-redis-k2_x. "
+               "Bring it back with:") == []
+    assert walkthrough.missing_lines(shown, "its data is in /tmp/bertstream-redis-x. "
+                                            "Bring it back from:") == [shown.rstrip()]
 
 
 @pytest.mark.timeout(900)
