@@ -123,6 +123,10 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--soft-labels", type=Path, default=SOFT_LABELS,
                    help="the soft-label file written (npz; its provenance goes beside it as "
                         ".json)")
+    t.add_argument("--average", type=Path, nargs="+", metavar="SOFT_LABELS", default=None,
+                   help="train nothing: write to --soft-labels the mean of these soft-label "
+                        "files (an ensemble of teachers, each made by `python -m model "
+                        "teacher --soft-labels PATH`)")
     t.add_argument("--max-texts", type=_positive, default=None,
                    help="label only this many texts (a trial run; needs --soft-labels "
                         "elsewhere than the committed file)")
@@ -184,9 +188,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "build":
                 print(build(cfg))
             else:
-                from model.teacher import run
+                from model.teacher import average, run
 
-                print(run(cfg, args.soft_labels, args.max_texts))
+                print(average(cfg, args.average, args.soft_labels) if args.average
+                      else run(cfg, args.soft_labels, args.max_texts))
         except (FileNotFoundError, RuntimeError, ValueError) as err:
             print(f"model {args.command}: {err}", file=sys.stderr)
             return 2

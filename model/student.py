@@ -133,18 +133,18 @@ def card_section(cfg, provenance: dict, rows: list[data.Row], target: np.ndarray
                  source_rows: dict[str, int]) -> dict:
     """What the model card records of the distillation."""
     teacher = provenance.get("teacher") or {}
-    evaluation = teacher.get("evaluation") or {}
+    if "members" in teacher:  # an ensemble (python -m model teacher --average)
+        teacher_section = {"ensemble": teacher.get("ensemble"),
+                           "build_key": "+".join(str(m.get("build_key")) for m in
+                                                 teacher["members"]),
+                           "members": [{**_teacher_summary(m), "soft_labels_sha256":
+                                        m.get("sha256")} for m in teacher["members"]]}
+    else:
+        teacher_section = _teacher_summary(teacher)
     labelled = target[:, GOLD] >= 0
     found = target[:, HAS_TEACHER] > 0.5
     return {
-        "teacher": {
-            "base_model": teacher.get("base_model"),
-            "encoder": teacher.get("encoder"),
-            "build_key": teacher.get("build_key"),
-            "training_build_key": teacher.get("training_build_key"),
-            "out_of_domain_test": evaluation.get("out_of_domain_test"),
-            "in_domain_test": evaluation.get("in_domain_test"),
-        },
+        "teacher": teacher_section,
         "soft_labels": {
             "file": _display(cfg.soft_labels),
             "sha256": provenance.get("sha256"),
@@ -163,6 +163,16 @@ def card_section(cfg, provenance: dict, rows: list[data.Row], target: np.ndarray
                  "with_soft_label": int(found.sum()),
                  "labelled_without_soft_label": int((labelled & ~found).sum())},
     }
+
+
+def _teacher_summary(teacher: dict) -> dict:
+    """What the card records of one teacher (from the soft labels' provenance)."""
+    evaluation = teacher.get("evaluation") or {}
+    return {"base_model": teacher.get("base_model"), "encoder": teacher.get("encoder"),
+            "build_key": teacher.get("build_key"),
+            "training_build_key": teacher.get("training_build_key"),
+            "out_of_domain_test": evaluation.get("out_of_domain_test"),
+            "in_domain_test": evaluation.get("in_domain_test")}
 
 
 def _display(path: Path) -> str:

@@ -145,8 +145,15 @@ _ROLES = {data.TWEETS.name: "training texts (the train split)",
                                    "of the public stream, June 2021)"}
 
 
+def teacher_of(card: dict) -> dict:
+    """What a soft-label file's provenance keeps of its teacher's card."""
+    return {k: card.get(k) for k in ("base_model", "encoder", "build_key", "training_build_key",
+                                     "calibration", "evaluation", "serving", "throughput",
+                                     "architecture", "training", "versions")}
+
+
 def write(path: Path, texts: dict[str, list[str]], probabilities: np.ndarray,
-          card: dict, extra: dict) -> dict:
+          logits: np.ndarray, teacher: dict, extra: dict) -> dict:
     """Writes ``path`` (npz: ``keys`` uint64, ``probabilities`` and
     ``logits`` float16 [rows, 3]) and its provenance ``path.with_suffix('.json')``."""
     flat = [t for ts in texts.values() for t in ts]
@@ -155,7 +162,7 @@ def write(path: Path, texts: dict[str, list[str]], probabilities: np.ndarray,
         raise RuntimeError("two texts share a soft-label key; widen the key")
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(path, keys=keys, probabilities=probabilities.astype(np.float16),
-                        logits=logits_of(probabilities, card["calibration"]).astype(np.float16))
+                        logits=logits.astype(np.float16))
     provenance = {
         "file": path.name,
         "sha256": data.sha256_of(path),
@@ -182,10 +189,7 @@ def write(path: Path, texts: dict[str, list[str]], probabilities: np.ndarray,
                      "role": _ROLES[p.name]}
                     for p in (data.TWEETS, data.REVIEWS, data.OOD_TWEETS, data.STREAM_SAMPLE)
                     if p.name in texts],
-        "teacher": {k: card.get(k) for k in ("base_model", "encoder", "build_key",
-                                             "training_build_key", "calibration",
-                                             "evaluation", "serving", "throughput",
-                                             "architecture", "training", "versions")},
+        "teacher": teacher,
         "regenerate": "python -m model teacher (see docs/model.md)",
         **extra,
     }
@@ -209,12 +213,14 @@ def run(cfg, soft_labels: Path = SOFT_LABELS, max_texts: int | None = None) -> P
 
     cfg = dataclasses.replace(cfg, encoder=NAME)
     recipe = BuildConfig(out=cfg.out)
+    # Fewer texts, rows or evaluation rows make a trial. Another epoch count
+    # does not: the teacher sees all its data either way, and one epoch
+    # teaches as well as two here (docs/model.md).
     trial = (max_texts is not None or cfg.tiny or cfg.max_eval_rows is not None
-             or cfg.epochs != recipe.epochs or cfg.max_train_rows != recipe.max_train_rows)
+             or cfg.max_train_rows != recipe.max_train_rows)
     if trial and soft_labels.resolve() == SOFT_LABELS:
-        raise ValueError(f"a trial run (--max-texts, --max-eval-rows, --max-train-rows, "
-                         f"--epochs or --tiny) would overwrite {SOFT_LABELS}: pass "
-                         "--soft-labels PATH")
+        raise ValueError(f"a trial run (--max-texts, --max-eval-rows, --max-train-rows "
+                         f"or --tiny) would overwrite {SOFT_LABELS}: pass --soft-labels PATH")
     started = time.monotonic()
     version_dir = build(cfg)
     card = read_card(version_dir)
@@ -225,10 +231,59 @@ def run(cfg, soft_labels: Path = SOFT_LABELS, max_texts: int | None = None) -> P
     scoring = time.monotonic()
     probabilities = score(version_dir, flat,
                           cfg.cache_dir / "soft-labels" / card.get("build_key", "unknown"))
-    write(soft_labels, texts, probabilities, card, {
-        "trial": trial, "max_texts": max_texts,
-        "seconds": {"scoring": round(time.monotonic() - scoring, 1),
-                    "total_this_run": round(time.monotonic() - started, 1)}})
+    write(soft_labels, texts, probabilities, logits_of(probabilities, card["calibration"]),
+          teacher_of(card), {
+              "trial": trial, "max_texts": max_texts,
+              "seconds": {"scoring": round(time.monotonic() - scoring, 1),
+                          "total_this_run": round(time.monotonic() - started, 1)}})
+    return soft_labels
+
+
+def average(cfg, members: list[Path], soft_labels: Path = SOFT_LABELS) -> Path:
+    """Writes the soft labels of an ensemble of teachers: for every text that
+    each member file labelled, the mean of their logits (centred, as each
+    member's are) and of their calibrated probabilities: an ensemble's soft
+    labels, which a student learns from as from one teacher's (docs/model.md,
+    "An ensemble of teachers"). Each member is checked against its
+    provenance first; no teacher runs.
+
+    Raises:
+      ValueError: fewer than two members, or one of another kind of file
+        (key or labels) than this code writes.
+    """
+    from model.student import check_soft_labels
+
+    if len(members) < 2:
+        raise ValueError("--average takes two soft-label files or more")
+    provenance, loaded = [], []
+    for path in members:
+        if not path.exists():
+            raise FileNotFoundError(f"--average {path}: no such file (make it with `python -m "
+                                    "model teacher --soft-labels PATH`)")
+        found = check_soft_labels(path)
+        if found.get("key") != KEY_DOC or found.get("labels") != list(data.LABELS):
+            raise ValueError(f"{path}: its keys or labels are not the ones this version "
+                             "writes; regenerate it with `python -m model teacher`")
+        with np.load(path) as npz:
+            loaded.append(({int(k): i for i, k in enumerate(npz["keys"])},
+                           npz["probabilities"].astype(np.float32),
+                           npz["logits"].astype(np.float32)))
+        provenance.append(found)
+    stream = all(data.STREAM_SAMPLE.name in p.get("rows_by_source", {}) for p in provenance)
+    texts = {name: [t for t in ts if all(key_of(t) in rows for rows, _, _ in loaded)]
+             for name, ts in distillation_texts(cfg, stream_sample=stream).items()}
+    keys = [key_of(t) for ts in texts.values() for t in ts]
+    picks = [np.array([rows[k] for k in keys], np.int64) for rows, _, _ in loaded]
+    probabilities = np.mean([p[i] for (_, p, _), i in zip(loaded, picks)], axis=0)
+    logits = np.mean([z[i] for (_, _, z), i in zip(loaded, picks)], axis=0)
+    _LOG.info("averaging %d teachers over the %d texts each labelled", len(members), len(keys))
+    write(soft_labels, texts, probabilities, logits, {
+        "ensemble": "mean of the members' logits and of their calibrated probabilities",
+        "members": [{"sha256": p["sha256"], "rows": p["rows"], "trial": p.get("trial", False),
+                     **p.get("teacher", {})} for p in provenance],
+    }, {"trial": any(p.get("trial", False) for p in provenance), "max_texts": None,
+        "regenerate": "python -m model teacher for each member (--soft-labels PATH), then "
+                      "python -m model teacher --average PATH PATH (see docs/model.md)"})
     return soft_labels
 
 

@@ -88,6 +88,52 @@ def test_builds_without_distillation_keep_their_cache_keys(tmp_path):
     assert everyday.cache_key() == plain.cache_key()  # so are the everyday tweets
 
 
+def test_an_ensemble_of_teachers_is_the_mean_of_their_soft_labels(tmp_path):
+    from model import teacher
+
+    cfg = BuildConfig.tiny_defaults(out=tmp_path / "out", cache_dir=CACHE)
+    texts = {name: ts[:40] for name, ts in
+             teacher.distillation_texts(cfg, stream_sample=False).items()}
+    rng = np.random.default_rng(0)
+    members = []
+    for i, drop in enumerate((0, 5)):  # the second teacher labelled 5 texts fewer
+        labelled = {name: ts[drop:] for name, ts in texts.items()}
+        n = sum(len(ts) for ts in labelled.values())
+        logits = rng.normal(size=(n, 3)).astype(np.float32)
+        logits -= logits.mean(axis=1, keepdims=True)
+        probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+        path = tmp_path / f"member{i}.npz"
+        teacher.write(path, labelled, probabilities, logits, {"build_key": f"t{i}"},
+                      {"trial": False})
+        members.append(path)
+    out = teacher.average(cfg, members, tmp_path / "ensemble.npz")
+
+    provenance = student.check_soft_labels(out)
+    both = {name: ts[5:] for name, ts in texts.items()}
+    assert provenance["rows"] == sum(len(ts) for ts in both.values())
+    assert provenance["rows_by_source"] == {name: len(ts) for name, ts in both.items()}
+    assert [m["build_key"] for m in provenance["teacher"]["members"]] == ["t0", "t1"]
+    flat = [t for ts in both.values() for t in ts]
+    expected = np.mean([teacher.SoftLabels(m, "logits").lookup(flat) for m in members], axis=0)
+    got = teacher.SoftLabels(out, "logits").lookup(flat)
+    np.testing.assert_allclose(got, expected, atol=2e-3)  # stored as float16
+    assert np.isnan(teacher.SoftLabels(out).lookup([texts[data.TWEETS.name][0]])).all()
+    # A student's card names every member.
+    section = student.card_section(BuildConfig.tiny_defaults(out=cfg.out, soft_labels=out),
+                                   provenance, [], np.zeros((0, student.TARGET_WIDTH)), {})
+    assert section["teacher"]["build_key"] == "t0+t1"
+    assert [m["soft_labels_sha256"] for m in section["teacher"]["members"]] == [
+        data.sha256_of(m) for m in members]
+    # One member is no ensemble, and an altered member is refused.
+    with pytest.raises(ValueError, match="two soft-label files"):
+        teacher.average(cfg, members[:1], tmp_path / "one.npz")
+    with pytest.raises(FileNotFoundError, match="--average .*absent.npz: no such file"):
+        teacher.average(cfg, [members[0], tmp_path / "absent.npz"], tmp_path / "none.npz")
+    members[1].write_bytes(members[0].read_bytes())
+    with pytest.raises(ValueError, match="regenerate both"):
+        teacher.average(cfg, members, tmp_path / "altered.npz")
+
+
 @pytest.mark.timeout(900)
 def test_a_trial_teacher_labels_texts_and_a_student_is_built_from_them(tmp_path):
     cache = tmp_path / "cache"

@@ -198,7 +198,10 @@ def test_soft_label_file_round_trips_by_text_hash(tmp_path):
     probabilities = np.exp(z) / np.exp(z).sum(1, keepdims=True)
     card = {"calibration": calibration, "data": {"sources": []}, "build_key": "k"}
     path = tmp_path / "soft.npz"
-    provenance = teacher.write(path, texts, probabilities, card, {"trial": True})
+    provenance = teacher.write(path, texts, probabilities,
+                               teacher.logits_of(probabilities, calibration),
+                               teacher.teacher_of(card), {"trial": True})
+    assert provenance["teacher"]["build_key"] == "k"
     assert provenance["rows"] == 3 and provenance["sha256"] == data.sha256_of(path)
     with np.load(path) as npz:
         assert npz["keys"].dtype == np.uint64 and npz["probabilities"].dtype == np.float16
