@@ -248,8 +248,10 @@ def average(cfg, members: list[Path], soft_labels: Path = SOFT_LABELS) -> Path:
     provenance first; no teacher runs.
 
     Raises:
-      ValueError: fewer than two members, or one of another kind of file
-        (key or labels) than this code writes.
+      FileNotFoundError: a member, or the provenance beside it, is missing.
+      ValueError: fewer than two members, a member whose sha256 is not its
+        provenance's, or one of another kind of file (key or labels) than
+        this code writes.
     """
     from model.student import check_soft_labels
 
