@@ -272,9 +272,14 @@ def average(cfg, members: list[Path], soft_labels: Path = SOFT_LABELS) -> Path:
                            npz["logits"].astype(np.float32)))
         provenance.append(found)
     stream = all(data.STREAM_SAMPLE.name in p.get("rows_by_source", {}) for p in provenance)
-    texts = {name: [t for t in ts if all(key_of(t) in rows for rows, _, _ in loaded)]
-             for name, ts in distillation_texts(cfg, stream_sample=stream).items()}
-    keys = [key_of(t) for ts in texts.values() for t in ts]
+    texts, keys = {}, []  # each text hashed once
+    for name, ts in distillation_texts(cfg, stream_sample=stream).items():
+        texts[name] = []
+        for text in ts:
+            key = key_of(text)
+            if all(key in rows for rows, _, _ in loaded):
+                texts[name].append(text)
+                keys.append(key)
     picks = [np.array([rows[k] for k in keys], np.int64) for rows, _, _ in loaded]
     probabilities = np.mean([p[i] for (_, p, _), i in zip(loaded, picks)], axis=0)
     logits = np.mean([z[i] for (_, _, z), i in zip(loaded, picks)], axis=0)
